@@ -1,0 +1,26 @@
+"""Packaging for toex_tf: adaptive-depth (early-exit, skip-routed) transformer LMs in Keras 3."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="toex-tf",
+    version="0.1.0",
+    description="Adaptive-depth inference for transformer LMs in TensorFlow / Keras 3: "
+    "early exit and FFN skip routing.",
+    packages=find_packages(include=["toex_tf", "toex_tf.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow>=2.16",
+        "keras>=3",
+        "tensorflow-datasets",
+        "tensorboard",
+        "numpy",
+        "absl-py",
+        "sentencepiece",
+        "matplotlib",
+    ],
+    extras_require={
+        # jax: the no-TensorFlow import test runs the layers on the JAX backend.
+        "test": ["pytest", "ruff", "jax"],
+    },
+)

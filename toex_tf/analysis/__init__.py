@@ -1,0 +1,1 @@
+"""Exit analysis: compute counts, exit sweeps and reports."""

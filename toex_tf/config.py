@@ -1,0 +1,153 @@
+"""Settings as plain dataclasses: model, training, data and evaluation.
+
+`run.py` fills them from absl flags; everything else takes them as arguments. Presets
+are named configs, not code paths.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from toex_tf.layers.top_k_confidence_gate import CRITERIA, validate_threshold
+
+
+def resolve_exit_layers(exit_layers, num_layers: int) -> tuple[int, ...]:
+    """Normalises an exit-layer spec to sorted 1-based layer numbers ending at `num_layers`.
+
+    Args:
+        exit_layers: `"all"` (every layer), `"none"` or `()` (final layer only: the
+            baseline), a comma-separated string such as `"2,4,6"`, or a sequence of ints.
+        num_layers: int, model depth.
+
+    Returns:
+        Sorted distinct layer numbers in `[1, num_layers]`; the final layer is always
+        included, since every token must be able to leave at full depth.
+    """
+    if isinstance(exit_layers, str):
+        spec = exit_layers.strip().lower()
+        if spec == "all":
+            return tuple(range(1, num_layers + 1))
+        if spec in ("none", ""):
+            return (num_layers,)
+        try:
+            exit_layers = [int(part) for part in spec.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(
+                f"exit_layers must be 'all', 'none' or comma-separated ints; got {exit_layers!r}."
+            ) from None
+    layers = set()
+    for layer in exit_layers:
+        if isinstance(layer, bool) or int(layer) != layer:
+            raise ValueError(f"exit layer {layer!r} is not an integer.")
+        if not 1 <= int(layer) <= num_layers:
+            raise ValueError(
+                f"exit layer {layer} is out of range: layers are numbered 1..{num_layers}."
+            )
+        layers.add(int(layer))
+    layers.add(num_layers)
+    return tuple(sorted(layers))
+
+
+@dataclass
+class GPTConfig:
+    """An early-exit GPT-2-style decoder. See `toex_tf.models.EarlyExitGPT`."""
+
+    vocab_size: int = 4096
+    max_length: int = 256
+    hidden_dim: int = 384
+    num_layers: int = 10
+    num_heads: int = 12
+    intermediate_dim: int | None = None  # None: 4 * hidden_dim
+    dropout: float = 0.0
+    exit_layers: str | tuple = "all"
+    output_embedding_mode: str = "shortlist"
+    shortlist_size: int = 256
+    low_rank: int = 64
+    layer_dropout: float = 0.0
+    capacity: float = 1.0
+    gate_criterion: str = "margin"
+    gate_threshold: float = 0.9
+    norm_epsilon: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("vocab_size", "max_length", "hidden_dim", "num_layers", "num_heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}.")
+        if self.hidden_dim % self.num_heads:
+            raise ValueError(
+                f"hidden_dim={self.hidden_dim} must be divisible by num_heads={self.num_heads}."
+            )
+        if self.gate_criterion not in CRITERIA:
+            raise ValueError(
+                f"gate_criterion must be one of {CRITERIA}; got {self.gate_criterion!r}."
+            )
+        validate_threshold(self.gate_threshold, "gate_threshold")
+        self.exit_layers = resolve_exit_layers(self.exit_layers, self.num_layers)
+        if self.output_embedding_mode == "shortlist":
+            self.shortlist_size = min(self.shortlist_size, self.vocab_size)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS = {
+    # Unit tests: 2 layers, width 16.
+    "tiny": dict(vocab_size=64, max_length=32, hidden_dim=16, num_layers=2, num_heads=2,
+                 shortlist_size=16),
+    # Quickstart: trains on 2 CPU cores in minutes.
+    "quickstart": dict(vocab_size=2048, max_length=128, hidden_dim=256, num_layers=6,
+                       num_heads=4),
+    "toex-small": dict(vocab_size=4096, max_length=256, hidden_dim=384, num_layers=10,
+                       num_heads=12),
+    "gpt2-small": dict(vocab_size=50257, max_length=1024, hidden_dim=768, num_layers=12,
+                       num_heads=12, shortlist_size=1024),
+}
+
+
+def gpt_preset(name: str, **overrides) -> GPTConfig:
+    """A named `GPTConfig`, with field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}.")
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+EXIT_WEIGHT_SCHEDULES = ("linear", "uniform", "quadratic")
+
+
+@dataclass
+class TrainConfig:
+    """Joint exit-loss training with Keras `fit`."""
+
+    steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 128
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    exit_loss_weights: str = "linear"  # a schedule name or comma-separated weights
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
+    checkpoint_every: int = 100
+    strategy: str = "default"
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from and how it is tokenized."""
+
+    dataset: str = "builtin"
+    data_dir: str | None = None
+    tokenizer: str = "sentencepiece"
+    vocab_size: int = 2048
+    validation_fraction: float = 0.1
+
+
+@dataclass
+class EvalConfig:
+    """Exit sweep settings."""
+
+    criteria: tuple = ("max_prob", "margin", "entropy")
+    thresholds: tuple = field(default_factory=lambda: (0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0))
+    max_batches: int = 50
+    confidence_source: str = "cheap"  # "cheap" (LightweightOutputEmbedding) or "full"

@@ -1,0 +1,28 @@
+"""Keras 3 layers of toex_tf (keras.ops only: they run on TensorFlow and on JAX)."""
+
+from toex_tf.layers.causal_self_attention import CausalSelfAttention
+from toex_tf.layers.cross_attention import CrossAttention
+from toex_tf.layers.early_exit_block import EarlyExitBlock
+from toex_tf.layers.feed_forward import FeedForward
+from toex_tf.layers.lightweight_output_embedding import LightweightOutputEmbedding
+from toex_tf.layers.position_embedding import PositionEmbedding
+from toex_tf.layers.rms_norm import RMSNorm
+from toex_tf.layers.rotary_embedding import RotaryEmbedding
+from toex_tf.layers.skip_router import SkipRouter
+from toex_tf.layers.top_k_confidence_gate import CRITERIA, TopKConfidenceGate
+from toex_tf.layers.transformer_block import TransformerBlock
+
+__all__ = [
+    "CRITERIA",
+    "CausalSelfAttention",
+    "CrossAttention",
+    "EarlyExitBlock",
+    "FeedForward",
+    "LightweightOutputEmbedding",
+    "PositionEmbedding",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "SkipRouter",
+    "TopKConfidenceGate",
+    "TransformerBlock",
+]

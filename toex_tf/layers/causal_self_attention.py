@@ -1,0 +1,158 @@
+"""`CausalSelfAttention`: multi-head / grouped-query causal attention with an optional KV cache."""
+
+import keras
+from keras import ops
+
+from toex_tf.layers.attention_ops import causal_mask, multi_head_attention
+from toex_tf.layers.rotary_embedding import RotaryEmbedding
+
+
+@keras.saving.register_keras_serializable(package="toex_tf")
+class CausalSelfAttention(keras.layers.Layer):
+    """Causal self-attention, MHA or GQA, with optional RoPE and an optional KV cache.
+
+    The cache is a preallocated tensor `(batch, 2, max_length, kv_heads, head_dim)`
+    (keys at index 0, values at 1) with static shape, written at `cache_update_index`.
+    Static shapes keep one compiled decode step for every position.
+
+    Args:
+        num_heads: int, query heads.
+        head_dim: int, width of one head.
+        num_kv_heads: int or None, key/value heads; must divide `num_heads`. `None`
+            means `num_heads` (MHA). Defaults to `None`.
+        use_bias: bool, biases on the projections (GPT-2: True, Llama: False).
+            Defaults to `True`.
+        rope_theta: float or None, RoPE base; `None` disables RoPE (GPT-2 uses learned
+            positions instead). Defaults to `None`.
+        dropout: float, dropout on the attention probabilities. Defaults to `0.0`.
+        kernel_initializer: initializer of the projections. Defaults to
+            normal(stddev=0.02).
+        **kwargs: base `keras.layers.Layer` arguments.
+
+    Call arguments:
+        inputs: `(batch, seq, hidden)`.
+        padding_mask: optional `(batch, key_len)` with 1/True for real tokens; without
+            a cache `key_len == seq`, with one `key_len == max_length`.
+        cache: optional `(batch, 2, max_length, kv_heads, head_dim)`.
+        cache_update_index: int or scalar tensor, absolute position of `inputs[:, 0]`;
+            required with `cache`.
+        training: bool.
+
+    Returns:
+        `(batch, seq, hidden)`, or `(output, new_cache)` when `cache` is given.
+
+    Example:
+    >>> attention = CausalSelfAttention(num_heads=4, head_dim=8, num_kv_heads=2)
+    >>> out = attention(np.zeros((2, 5, 32), "float32"))
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        num_kv_heads: int | None = None,
+        use_bias: bool = True,
+        rope_theta: float | None = None,
+        dropout: float = 0.0,
+        kernel_initializer="normal",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        num_kv_heads = num_kv_heads or num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}."
+            )
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.use_bias = use_bias
+        self.rope_theta = rope_theta
+        self.dropout = dropout
+        if kernel_initializer == "normal":
+            kernel_initializer = keras.initializers.RandomNormal(stddev=0.02)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+
+        def dense(units, name):
+            layer = keras.layers.Dense(
+                units,
+                use_bias=self.use_bias,
+                kernel_initializer=self.kernel_initializer,
+                dtype=self.dtype_policy,
+                name=name,
+            )
+            return layer
+
+        self.query_dense = dense(self.num_heads * self.head_dim, "query")
+        self.key_dense = dense(self.num_kv_heads * self.head_dim, "key")
+        self.value_dense = dense(self.num_kv_heads * self.head_dim, "value")
+        self.output_dense = dense(hidden_dim, "attention_output")
+        for layer in (self.query_dense, self.key_dense, self.value_dense):
+            layer.build(input_shape)
+        self.output_dense.build(tuple(input_shape[:-1]) + (self.num_heads * self.head_dim,))
+        self.rotary = None
+        if self.rope_theta is not None:
+            self.rotary = RotaryEmbedding(self.rope_theta, dtype=self.dtype_policy, name="rope")
+        self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
+
+    def project_kv(self, inputs, start_index=0):
+        """Keys and values `(batch, seq, kv_heads, head_dim)` for `inputs`, RoPE applied."""
+        batch, seq = ops.shape(inputs)[0], ops.shape(inputs)[1]
+        shape = (batch, seq, self.num_kv_heads, self.head_dim)
+        key = ops.reshape(self.key_dense(inputs), shape)
+        value = ops.reshape(self.value_dense(inputs), shape)
+        if self.rotary is not None:
+            key = self.rotary(key, start_index=start_index)
+        return key, value
+
+    def call(
+        self, inputs, padding_mask=None, cache=None, cache_update_index=None, training=None
+    ):
+        batch, seq = ops.shape(inputs)[0], ops.shape(inputs)[1]
+        start = 0 if cache is None else cache_update_index
+        if cache is not None and cache_update_index is None:
+            raise ValueError("cache_update_index is required when a cache is given.")
+        query = ops.reshape(self.query_dense(inputs), (batch, seq, self.num_heads, self.head_dim))
+        if self.rotary is not None:
+            query = self.rotary(query, start_index=start)
+        key, value = self.project_kv(inputs, start_index=start)
+        if cache is not None:
+            zero = ops.zeros((), "int32")
+            start_index = ops.cast(cache_update_index, "int32")
+            key_cache = ops.slice_update(cache[:, 0], (zero, start_index, zero, zero), key)
+            value_cache = ops.slice_update(cache[:, 1], (zero, start_index, zero, zero), value)
+            cache = ops.stack([key_cache, value_cache], axis=1)
+            key, value = key_cache, value_cache
+        mask = causal_mask(seq, ops.shape(key)[1], query_offset=start)[None, None]
+        if padding_mask is not None:
+            mask = ops.logical_and(mask, ops.cast(padding_mask, "bool")[:, None, None, :])
+        attended = multi_head_attention(
+            query, key, value, mask=mask, dropout_layer=self.dropout_layer, training=training
+        )
+        output = self.output_dense(
+            ops.reshape(attended, (batch, seq, self.num_heads * self.head_dim))
+        )
+        if cache is not None:
+            return output, cache
+        return output
+
+    def compute_output_spec(self, inputs, cache=None, **kwargs):
+        output = keras.KerasTensor(inputs.shape, self.compute_dtype)
+        if cache is not None:
+            return output, keras.KerasTensor(cache.shape, cache.dtype)
+        return output
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "head_dim": self.head_dim,
+            "num_kv_heads": self.num_kv_heads,
+            "use_bias": self.use_bias,
+            "rope_theta": self.rope_theta,
+            "dropout": self.dropout,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+        }

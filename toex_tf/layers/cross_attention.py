@@ -1,0 +1,106 @@
+"""`CrossAttention`: decoder-to-encoder attention for encoder-decoder models."""
+
+import keras
+from keras import ops
+
+from toex_tf.layers.attention_ops import multi_head_attention
+
+
+@keras.saving.register_keras_serializable(package="toex_tf")
+class CrossAttention(keras.layers.Layer):
+    """Multi-head attention from decoder positions to encoder outputs (not causal).
+
+    Args:
+        num_heads: int, attention heads.
+        head_dim: int, width of one head.
+        use_bias: bool, biases on the projections. Defaults to `True`.
+        dropout: float, dropout on the attention probabilities. Defaults to `0.0`.
+        kernel_initializer: initializer of the projections. Defaults to
+            normal(stddev=0.02).
+        **kwargs: base `keras.layers.Layer` arguments.
+
+    Call arguments:
+        inputs: decoder states `(batch, target_len, hidden)`.
+        encoder_outputs: `(batch, source_len, encoder_hidden)`.
+        encoder_padding_mask: optional `(batch, source_len)`, 1/True for real tokens.
+        training: bool.
+
+    Returns:
+        `(batch, target_len, hidden)`.
+
+    Example:
+    >>> cross = CrossAttention(num_heads=2, head_dim=8)
+    >>> out = cross(np.zeros((1, 3, 16), "float32"), np.zeros((1, 7, 16), "float32"))
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        use_bias: bool = True,
+        dropout: float = 0.0,
+        kernel_initializer="normal",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.use_bias = use_bias
+        self.dropout = dropout
+        if kernel_initializer == "normal":
+            kernel_initializer = keras.initializers.RandomNormal(stddev=0.02)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, inputs_shape, encoder_outputs_shape=None):
+        hidden_dim = inputs_shape[-1]
+        encoder_outputs_shape = encoder_outputs_shape or inputs_shape
+        width = self.num_heads * self.head_dim
+
+        def dense(units, name, shape):
+            layer = keras.layers.Dense(
+                units,
+                use_bias=self.use_bias,
+                kernel_initializer=self.kernel_initializer,
+                dtype=self.dtype_policy,
+                name=name,
+            )
+            layer.build(shape)
+            return layer
+
+        self.query_dense = dense(width, "query", inputs_shape)
+        self.key_dense = dense(width, "key", encoder_outputs_shape)
+        self.value_dense = dense(width, "value", encoder_outputs_shape)
+        self.output_dense = dense(hidden_dim, "attention_output", (None, None, width))
+        self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
+
+    def call(self, inputs, encoder_outputs, encoder_padding_mask=None, training=None):
+        batch, target_len = ops.shape(inputs)[0], ops.shape(inputs)[1]
+        source_len = ops.shape(encoder_outputs)[1]
+        query = ops.reshape(
+            self.query_dense(inputs), (batch, target_len, self.num_heads, self.head_dim)
+        )
+        kv_shape = (batch, source_len, self.num_heads, self.head_dim)
+        key = ops.reshape(self.key_dense(encoder_outputs), kv_shape)
+        value = ops.reshape(self.value_dense(encoder_outputs), kv_shape)
+        mask = None
+        if encoder_padding_mask is not None:
+            mask = ops.cast(encoder_padding_mask, "bool")[:, None, None, :]
+        attended = multi_head_attention(
+            query, key, value, mask=mask, dropout_layer=self.dropout_layer, training=training
+        )
+        return self.output_dense(
+            ops.reshape(attended, (batch, target_len, self.num_heads * self.head_dim))
+        )
+
+    def compute_output_spec(self, inputs, encoder_outputs, **kwargs):
+        return keras.KerasTensor(inputs.shape, self.compute_dtype)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "head_dim": self.head_dim,
+            "use_bias": self.use_bias,
+            "dropout": self.dropout,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+        }

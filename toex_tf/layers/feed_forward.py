@@ -1,0 +1,93 @@
+"""`FeedForward`: the position-wise MLP of a transformer block (GELU or SwiGLU)."""
+
+import keras
+from keras import ops
+
+ACTIVATIONS = ("gelu", "relu", "swiglu")
+
+
+@keras.saving.register_keras_serializable(package="toex_tf")
+class FeedForward(keras.layers.Layer):
+    """Position-wise feed-forward network.
+
+    - `gelu` / `relu`: `down(act(up(x)))` (GPT-2 uses the tanh-approximated GELU).
+    - `swiglu`: `down(silu(gate(x)) * up(x))` (Llama).
+
+    Args:
+        intermediate_dim: int, inner width.
+        activation: str, one of `"gelu"`, `"relu"`, `"swiglu"`. Defaults to `"gelu"`.
+        use_bias: bool. Defaults to `True`.
+        dropout: float, dropout on the output. Defaults to `0.0`.
+        kernel_initializer: initializer. Defaults to normal(stddev=0.02).
+        **kwargs: base `keras.layers.Layer` arguments.
+
+    Call arguments:
+        inputs: `(..., hidden)`.
+        training: bool.
+
+    Example:
+    >>> ffn = FeedForward(intermediate_dim=64, activation="swiglu", use_bias=False)
+    >>> out = ffn(np.zeros((2, 5, 16), "float32"))
+    """
+
+    def __init__(
+        self,
+        intermediate_dim: int,
+        activation: str = "gelu",
+        use_bias: bool = True,
+        dropout: float = 0.0,
+        kernel_initializer="normal",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}.")
+        self.intermediate_dim = intermediate_dim
+        self.activation = activation
+        self.use_bias = use_bias
+        self.dropout = dropout
+        if kernel_initializer == "normal":
+            kernel_initializer = keras.initializers.RandomNormal(stddev=0.02)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, input_shape):
+        def dense(units, name, shape):
+            layer = keras.layers.Dense(
+                units,
+                use_bias=self.use_bias,
+                kernel_initializer=self.kernel_initializer,
+                dtype=self.dtype_policy,
+                name=name,
+            )
+            layer.build(shape)
+            return layer
+
+        inner_shape = tuple(input_shape[:-1]) + (self.intermediate_dim,)
+        self.up_dense = dense(self.intermediate_dim, "up", input_shape)
+        self.gate_dense = None
+        if self.activation == "swiglu":
+            self.gate_dense = dense(self.intermediate_dim, "gate", input_shape)
+        self.down_dense = dense(input_shape[-1], "down", inner_shape)
+        self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
+
+    def call(self, inputs, training=None):
+        if self.activation == "swiglu":
+            inner = ops.silu(self.gate_dense(inputs)) * self.up_dense(inputs)
+        elif self.activation == "gelu":
+            inner = ops.gelu(self.up_dense(inputs), approximate=True)
+        else:
+            inner = ops.relu(self.up_dense(inputs))
+        return self.dropout_layer(self.down_dense(inner), training=training)
+
+    def compute_output_spec(self, inputs, training=None):
+        return keras.KerasTensor(inputs.shape, self.compute_dtype)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "intermediate_dim": self.intermediate_dim,
+            "activation": self.activation,
+            "use_bias": self.use_bias,
+            "dropout": self.dropout,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+        }

@@ -1,0 +1,184 @@
+"""The toex_tf command line: `python -m toex_tf.run --flagfile=configs/quickstart.cfg`.
+
+Modes:
+    train            tokenize the corpus, train an early-exit GPT, save OUTPUT_DIR/model.keras
+    eval             sweep exit criteria and thresholds on held-out data → results.json
+    train_and_eval   both
+
+This is the only module that knows about absl flags; it turns them into the dataclasses
+of `toex_tf.config` and calls the library.
+"""
+
+import datetime
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+from toex_tf.config import (  # noqa: E402
+    EXIT_WEIGHT_SCHEDULES,
+    PRESETS,
+    DataConfig,
+    EvalConfig,
+    TrainConfig,
+    gpt_preset,
+)
+from toex_tf.layers.top_k_confidence_gate import CRITERIA  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval"], "What to run.")
+flags.DEFINE_string("output_dir", None, "Where the model, results and logs go.")
+flags.DEFINE_enum("model", "gpt", ["gpt"], "Model family.")
+flags.DEFINE_enum("preset", "quickstart", sorted(PRESETS), "Named model size.")
+flags.DEFINE_integer("hidden_dim", None, "Override the preset's width.", lower_bound=1)
+flags.DEFINE_integer("num_layers", None, "Override the preset's depth.", lower_bound=1)
+flags.DEFINE_integer("num_heads", None, "Override the preset's heads.", lower_bound=1)
+flags.DEFINE_integer("max_length", None, "Override the preset's max_length.", lower_bound=1)
+flags.DEFINE_string("exit_layers", "all", "'all', 'none' or comma-separated 1-based layers.")
+flags.DEFINE_enum(
+    "output_embedding", "shortlist", ["shortlist", "low_rank"], "Cheap exit head kind."
+)
+flags.DEFINE_integer("shortlist_size", None, "Tokens in the exit shortlist.", lower_bound=2)
+flags.DEFINE_integer("low_rank", None, "Rank of the low-rank exit head.", lower_bound=1)
+flags.DEFINE_float("dropout", 0.0, "Dropout.", lower_bound=0.0, upper_bound=0.9)
+flags.DEFINE_float("layer_dropout", 0.0, "Layer dropout at the last layer.", 0.0, 0.9)
+flags.DEFINE_float("capacity", 1.0, "FFN SkipRouter capacity in (0, 1].", 0.01, 1.0)
+
+flags.DEFINE_string("dataset", "builtin", "'builtin', 'text:GLOB' or 'tfds:NAME[/CONFIG]'.")
+flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+flags.DEFINE_string("tfds_text_key", "text", "Text feature of a TFDS dataset.")
+flags.DEFINE_enum("tokenizer", "sentencepiece", ["byte", "sentencepiece"], "Tokenizer.")
+flags.DEFINE_integer("vocab_size", 2048, "SentencePiece vocabulary size.", lower_bound=2)
+flags.DEFINE_float("validation_fraction", 0.1, "Held-out share of documents.", 0.001, 0.9)
+
+flags.DEFINE_integer("seq_len", 128, "Training window length.", lower_bound=2)
+flags.DEFINE_integer("batch_size", 16, "Global batch size.", lower_bound=1)
+flags.DEFINE_integer("train_steps", 1000, "Optimizer steps.", lower_bound=1)
+flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate.", lower_bound=0.0)
+flags.DEFINE_integer("warmup_steps", 100, "Linear warm-up steps.", lower_bound=0)
+flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay.", lower_bound=0.0)
+flags.DEFINE_string(
+    "exit_loss_weights", "linear", f"One of {EXIT_WEIGHT_SCHEDULES} or comma-separated weights."
+)
+flags.DEFINE_float("distill_weight", 0.0, "Weight of distillation from the final exit.", 0.0)
+flags.DEFINE_float("distill_temperature", 1.0, "Distillation temperature.", lower_bound=0.01)
+flags.DEFINE_integer("checkpoint_every", 100, "Save a checkpoint every N steps.", lower_bound=1)
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"], "tf.distribute.")
+flags.DEFINE_integer("seed", 0, "Random seed.")
+
+flags.DEFINE_list("criteria", list(CRITERIA), f"Exit criteria to sweep: {CRITERIA}.")
+flags.DEFINE_list(
+    "thresholds",
+    ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9", "0.95", "1.0"],
+    "Thresholds in [0, 1] to sweep.",
+)
+flags.DEFINE_integer("eval_windows", 256, "Held-out windows to evaluate.", lower_bound=1)
+flags.DEFINE_enum(
+    "confidence_source", "cheap", ["cheap", "full"],
+    "Confidence from the cheap LightweightOutputEmbedding head or the full head.",
+)
+
+
+@flags.validator("criteria", message=f"--criteria must be a subset of {CRITERIA}.")
+def _check_criteria(values):
+    return bool(values) and all(value in CRITERIA for value in values)
+
+
+@flags.validator("thresholds", message="--thresholds must be numbers in [0, 1].")
+def _check_thresholds(values):
+    try:
+        return bool(values) and all(0.0 <= float(value) <= 1.0 for value in values)
+    except ValueError:
+        return False
+
+
+def _configs():
+    overrides = {
+        name: getattr(FLAGS, name)
+        for name in ("hidden_dim", "num_layers", "num_heads", "max_length", "shortlist_size",
+                     "low_rank")
+        if getattr(FLAGS, name) is not None
+    }
+    data = DataConfig(
+        dataset=FLAGS.dataset,
+        data_dir=FLAGS.data_dir,
+        tokenizer=FLAGS.tokenizer,
+        vocab_size=FLAGS.vocab_size,
+        validation_fraction=FLAGS.validation_fraction,
+    )
+    train = TrainConfig(
+        steps=FLAGS.train_steps,
+        batch_size=FLAGS.batch_size,
+        seq_len=FLAGS.seq_len,
+        learning_rate=FLAGS.learning_rate,
+        warmup_steps=FLAGS.warmup_steps,
+        weight_decay=FLAGS.weight_decay,
+        exit_loss_weights=FLAGS.exit_loss_weights,
+        distill_weight=FLAGS.distill_weight,
+        distill_temperature=FLAGS.distill_temperature,
+        checkpoint_every=FLAGS.checkpoint_every,
+        strategy=FLAGS.strategy,
+        seed=FLAGS.seed,
+    )
+    evaluation = EvalConfig(
+        criteria=tuple(FLAGS.criteria),
+        thresholds=tuple(float(t) for t in FLAGS.thresholds),
+        confidence_source=FLAGS.confidence_source,
+    )
+    return overrides, data, train, evaluation
+
+
+def _flag_dict() -> dict:
+    """This module's flags and their values (for results.json and the config log)."""
+    return {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS.output_dir:
+        raise app.UsageError("--output_dir is required.")
+    from toex_tf import tf_jobs as pipeline  # noqa: PLC0415 - TensorFlow after flag checks
+
+    overrides, data, train, evaluation = _configs()
+    flag_values = _flag_dict()
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    prepared = pipeline.prepare_data(data, train.seq_len, FLAGS.output_dir, seed=train.seed)
+    model_config = gpt_preset(
+        FLAGS.preset,
+        **overrides,
+        vocab_size=prepared.tokenizer.vocab_size,
+        exit_layers=FLAGS.exit_layers,
+        output_embedding_mode=FLAGS.output_embedding,
+        dropout=FLAGS.dropout,
+        layer_dropout=FLAGS.layer_dropout,
+        capacity=FLAGS.capacity,
+    )
+    results = None
+    if FLAGS.mode in ("train", "train_and_eval"):
+        pipeline.train_and_save(model_config, train, prepared, FLAGS.output_dir)
+    if FLAGS.mode in ("eval", "train_and_eval"):
+        results = pipeline.evaluate_saved(
+            FLAGS.output_dir, prepared, evaluation, FLAGS.eval_windows, train.batch_size,
+            config={"flags": flag_values, "model": model_config.to_dict()},
+        )
+    with open(os.path.join(FLAGS.output_dir, "config_log.jsonl"), "a") as f:
+        entry = {
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "flags": flag_values,
+            "results": results,
+        }
+        f.write(json.dumps(entry) + "\n")
+
+
+def run_main():
+    flags.mark_flag_as_required("output_dir")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run_main()

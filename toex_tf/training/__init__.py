@@ -1,0 +1,1 @@
+"""Training: exit losses and checkpoints (backend-neutral); `tf_*` modules need TensorFlow."""

@@ -1,0 +1,136 @@
+"""Crash-safe training checkpoints with exact resume.
+
+A checkpoint is a directory `ckpt-00000040/` holding the model weights
+(`model.weights.h5`), the optimizer state (`optimizer.npz`) and `state.json` with the
+step and a SHA-256 of each file. It is written under a temporary name and renamed into
+place, so an interrupted save never replaces a good checkpoint with a broken one; a
+checkpoint whose files do not match their checksums is reported by name, never loaded.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+
+import keras
+import numpy as np
+
+STATE_FILE = "state.json"
+WEIGHTS_FILE = "model.weights.h5"
+OPTIMIZER_FILE = "optimizer.npz"
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class CheckpointManager:
+    """Saves and restores (model, optimizer, step) in `directory`.
+
+    Args:
+        directory: str, where checkpoints live.
+        max_to_keep: int, newest checkpoints kept. Defaults to `3`.
+    """
+
+    def __init__(self, directory: str, max_to_keep: int = 3):
+        self.directory = directory
+        self.max_to_keep = max_to_keep
+
+    def checkpoints(self) -> list[str]:
+        """Complete checkpoint directories, oldest first."""
+        if not os.path.isdir(self.directory):
+            return []
+        names = sorted(
+            name
+            for name in os.listdir(self.directory)
+            if name.startswith("ckpt-") and not name.endswith(".tmp")
+        )
+        return [os.path.join(self.directory, name) for name in names]
+
+    def latest(self) -> str | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def save(self, step: int, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> str:
+        """Writes checkpoint `step` atomically and prunes old ones; returns its path."""
+        os.makedirs(self.directory, exist_ok=True)
+        final = os.path.join(self.directory, f"ckpt-{step:08d}")
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        model.save_weights(os.path.join(tmp, WEIGHTS_FILE))
+        arrays = {f"v{i:05d}": np.asarray(v) for i, v in enumerate(optimizer.variables)}
+        np.savez(os.path.join(tmp, OPTIMIZER_FILE), **arrays)
+        state = {
+            "step": int(step),
+            "sha256": {name: _sha256(os.path.join(tmp, name)) for name in (WEIGHTS_FILE,
+                                                                          OPTIMIZER_FILE)},
+        }
+        with open(os.path.join(tmp, STATE_FILE), "w") as f:
+            json.dump(state, f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in self.checkpoints()[: -self.max_to_keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def restore(self, model, optimizer, path: str | None = None) -> int:
+        """Loads checkpoint `path` (default: the latest) into model and optimizer.
+
+        Returns:
+            The step the checkpoint was taken at.
+
+        Raises:
+            ValueError: when there is no checkpoint, or it is corrupt or does not
+                match the model; the message names the file.
+        """
+        path = path or self.latest()
+        if path is None:
+            raise ValueError(f"no checkpoint found in {self.directory!r}.")
+        state_path = os.path.join(path, STATE_FILE)
+        try:
+            with open(state_path) as f:
+                state = json.load(f)
+            step = int(state["step"])
+            checksums = state["sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"checkpoint state {state_path!r} is missing or corrupt: {error}"
+            ) from error
+        for name, expected in checksums.items():
+            file_path = os.path.join(path, name)
+            if not os.path.exists(file_path):
+                raise ValueError(f"checkpoint file {file_path!r} is missing.")
+            if _sha256(file_path) != expected:
+                raise ValueError(
+                    f"checkpoint file {file_path!r} is corrupt (its SHA-256 does not match "
+                    f"{STATE_FILE})."
+                )
+        try:
+            model.load_weights(os.path.join(path, WEIGHTS_FILE))
+        except Exception as error:  # noqa: BLE001 - re-raised with the file named
+            raise ValueError(
+                f"checkpoint weights {os.path.join(path, WEIGHTS_FILE)!r} do not match the "
+                f"model: {error}"
+            ) from error
+        with np.load(os.path.join(path, OPTIMIZER_FILE)) as saved:
+            arrays = [saved[name] for name in sorted(saved.files)]
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        if len(arrays) != len(optimizer.variables):
+            raise ValueError(
+                f"checkpoint optimizer state {os.path.join(path, OPTIMIZER_FILE)!r} has "
+                f"{len(arrays)} variables; the optimizer has {len(optimizer.variables)}."
+            )
+        for variable, value in zip(optimizer.variables, arrays):
+            if tuple(variable.shape) != value.shape:
+                raise ValueError(
+                    f"checkpoint optimizer variable {variable.path!r} has shape {value.shape}; "
+                    f"expected {tuple(variable.shape)}."
+                )
+            variable.assign(value)
+        return step

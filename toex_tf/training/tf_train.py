@@ -1,0 +1,172 @@
+"""Training loop: Keras `fit` with the joint exit loss, checkpoints and exact resume.
+
+TensorFlow only (tf.data, tf.distribute). Resume is exact: the data order is a pure
+function of (seed, step), and checkpoints hold the weights, the optimizer state and
+the random-generator state, so a run interrupted and resumed ends with the same
+weights as one that was not interrupted.
+"""
+
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from toex_tf.config import GPTConfig, TrainConfig
+from toex_tf.data.tf_pipeline import make_lm_dataset
+from toex_tf.models.gpt import EarlyExitGPT
+from toex_tf.training.checkpoint import CheckpointManager
+from toex_tf.training.exit_loss import EarlyExitTrainer, exit_loss_weights
+from toex_tf.training.tf_distribute import make_strategy
+
+
+class CheckpointEvery(keras.callbacks.Callback):
+    """Saves a checkpoint every `every` optimizer steps and at the end of training."""
+
+    def __init__(self, manager: CheckpointManager, model, every: int, initial_step: int):
+        super().__init__()
+        self.manager = manager
+        self.inner_model = model
+        self.every = every
+        self.step = initial_step
+        self.saved_step = initial_step
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step % self.every == 0:
+            self.manager.save(self.step, self.inner_model, self.model.optimizer)
+            self.saved_step = self.step
+
+    def on_train_end(self, logs=None):
+        if self.step != self.saved_step:
+            self.manager.save(self.step, self.inner_model, self.model.optimizer)
+
+
+def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
+    """AdamW with linear warm-up then cosine decay to 10% of the peak rate."""
+    warmup = min(config.warmup_steps, max(config.steps - 1, 0))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else config.learning_rate,
+        decay_steps=max(config.steps - warmup, 1),
+        alpha=0.1,
+        warmup_target=config.learning_rate if warmup else None,
+        warmup_steps=warmup,
+    )
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=schedule, weight_decay=config.weight_decay, clipnorm=1.0
+    )
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "scale"])
+    return optimizer
+
+
+def validate_train_config(config: TrainConfig) -> None:
+    for name in ("steps", "batch_size", "seq_len", "checkpoint_every"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int; got {value!r}.")
+    if config.learning_rate <= 0:
+        raise ValueError(f"learning_rate must be > 0; got {config.learning_rate}.")
+
+
+def train(
+    model_config: GPTConfig,
+    train_config: TrainConfig,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    output_dir: str,
+    token_counts: np.ndarray | None = None,
+    callbacks=(),
+    verbose: int | str = "auto",
+) -> EarlyExitGPT:
+    """Trains (or resumes training of) an early-exit GPT.
+
+    Args:
+        model_config: the model to build.
+        train_config: steps, batch, optimiser, exit-loss and checkpoint settings.
+        inputs, targets: int32 `(windows, seq_len)` arrays.
+        output_dir: checkpoints go to `output_dir/checkpoints`, TensorBoard logs to
+            `output_dir/tensorboard`. An existing checkpoint there is resumed.
+        token_counts: optional corpus token counts; sets the exit shortlist.
+        callbacks: extra Keras callbacks.
+        verbose: `fit` verbosity.
+
+    Returns:
+        The trained model (outside any distribution scope's concerns: weights are
+        plain variables that `model.save` can write).
+    """
+    validate_train_config(train_config)
+    if inputs.shape != targets.shape or inputs.ndim != 2:
+        raise ValueError(
+            f"inputs and targets must be equal 2-D arrays; got {inputs.shape} and {targets.shape}."
+        )
+    if inputs.shape[1] > model_config.max_length:
+        raise ValueError(
+            f"seq_len={inputs.shape[1]} exceeds the model's max_length={model_config.max_length}."
+        )
+    top_id = int(max(inputs.max(), targets.max()))
+    if top_id >= model_config.vocab_size or min(inputs.min(), targets.min()) < 0:
+        raise ValueError(
+            f"token ids must be in [0, vocab_size={model_config.vocab_size}); the data has "
+            f"ids up to {top_id}."
+        )
+    if len(inputs) < train_config.batch_size:
+        raise ValueError(
+            f"only {len(inputs)} training windows for batch_size={train_config.batch_size}: "
+            "use more data, a shorter seq_len or a smaller batch."
+        )
+    keras.utils.set_random_seed(train_config.seed)
+    strategy = make_strategy(train_config.strategy)
+    with strategy.scope():
+        model = EarlyExitGPT(**model_config.to_dict(), seed=train_config.seed)
+        if token_counts is not None and model_config.output_embedding_mode == "shortlist":
+            model.token_embedding.set_shortlist_from_counts(token_counts)
+        weights = exit_loss_weights(
+            train_config.exit_loss_weights, model.exit_layers, model.num_layers
+        )
+        trainer = EarlyExitTrainer(
+            model,
+            weights,
+            distill_weight=train_config.distill_weight,
+            distill_temperature=train_config.distill_temperature,
+        )
+        optimizer = make_optimizer(train_config)
+        trainer.compile(optimizer=optimizer)
+        optimizer.build(trainer.trainable_variables)
+    manager = CheckpointManager(os.path.join(output_dir, "checkpoints"))
+    step = 0
+    if manager.latest() is not None:
+        step = manager.restore(model, optimizer)
+        print(f"Resumed from {manager.latest()} at step {step}.")
+    remaining = train_config.steps - step
+    if remaining > 0:
+        dataset = make_lm_dataset(
+            inputs,
+            targets,
+            batch_size=train_config.batch_size,
+            shuffle=True,
+            seed=train_config.seed,
+            repeat=True,
+            skip_batches=step,
+        )
+        all_callbacks = [
+            CheckpointEvery(manager, model, train_config.checkpoint_every, step),
+            keras.callbacks.TensorBoard(
+                log_dir=os.path.join(output_dir, "tensorboard"), update_freq=10
+            ),
+            *callbacks,
+        ]
+        trainer.fit(
+            dataset,
+            epochs=1,
+            steps_per_epoch=remaining,
+            shuffle=False,  # the dataset is already shuffled, reproducibly
+            callbacks=all_callbacks,
+            verbose=verbose,
+        )
+    model.token_embedding.refresh_low_rank()
+    return model
+
+
+def enable_determinism() -> None:
+    """Makes TF ops deterministic, so resumed runs match uninterrupted ones bit for bit."""
+    tf.config.experimental.enable_op_determinism()
