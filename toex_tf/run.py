@@ -69,6 +69,7 @@ flags.DEFINE_float("distill_temperature", 1.0, "Distillation temperature.", lowe
 flags.DEFINE_integer("checkpoint_every", 100, "Save a checkpoint every N steps.", lower_bound=1)
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"], "tf.distribute.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
+flags.DEFINE_bool("jit_compile", True, "Compile the training step with XLA.")
 
 flags.DEFINE_list("criteria", list(CRITERIA), f"Exit criteria to sweep: {CRITERIA}.")
 flags.DEFINE_list(
@@ -123,6 +124,7 @@ def _configs():
         checkpoint_every=FLAGS.checkpoint_every,
         strategy=FLAGS.strategy,
         seed=FLAGS.seed,
+        jit_compile=FLAGS.jit_compile,
     )
     evaluation = EvalConfig(
         criteria=tuple(FLAGS.criteria),
@@ -138,6 +140,15 @@ def _flag_dict() -> dict:
 
 
 def main(argv):
+    try:
+        _main(argv)
+    except (ValueError, TypeError) as error:
+        # Bad input (data, flags that only the library can check, checkpoints): one clear
+        # line instead of a traceback.
+        sys.exit(f"toex_tf.run: error: {error}")
+
+
+def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.output_dir:

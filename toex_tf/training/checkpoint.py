@@ -1,8 +1,10 @@
 """Crash-safe training checkpoints with exact resume.
 
 A checkpoint is a directory `ckpt-00000040/` holding the model weights
-(`model.weights.h5`), the optimizer state (`optimizer.npz`) and `state.json` with the
-step and a SHA-256 of each file. It is written under a temporary name and renamed into
+(`model.weights.h5`), the optimizer and random-generator state (`optimizer.npz`: Keras
+does not save `SeedGenerator` states with the weights, yet dropout and layer dropout
+draw from them, so without them a resumed run diverges) and `state.json` with the step
+and a SHA-256 of each file. It is written under a temporary name and renamed into
 place, so an interrupted save never replaces a good checkpoint with a broken one; a
 checkpoint whose files do not match their checksums is reported by name, never loaded.
 """
@@ -26,6 +28,12 @@ def _sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def rng_state_variables(model) -> list:
+    """The model's `SeedGenerator` states: its variables that are not weights."""
+    weight_ids = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in weight_ids]
 
 
 class CheckpointManager:
@@ -64,6 +72,8 @@ class CheckpointManager:
         os.makedirs(tmp)
         model.save_weights(os.path.join(tmp, WEIGHTS_FILE))
         arrays = {f"v{i:05d}": np.asarray(v) for i, v in enumerate(optimizer.variables)}
+        for i, variable in enumerate(rng_state_variables(model)):
+            arrays[f"rng{i:05d}"] = np.asarray(variable)
         np.savez(os.path.join(tmp, OPTIMIZER_FILE), **arrays)
         state = {
             "step": int(step),
@@ -118,7 +128,14 @@ class CheckpointManager:
                 f"model: {error}"
             ) from error
         with np.load(os.path.join(path, OPTIMIZER_FILE)) as saved:
-            arrays = [saved[name] for name in sorted(saved.files)]
+            arrays = [saved[name] for name in sorted(saved.files) if name.startswith("v")]
+            rng_states = [saved[name] for name in sorted(saved.files) if name.startswith("rng")]
+        rng_variables = rng_state_variables(model)
+        if len(rng_states) != len(rng_variables):
+            raise ValueError(
+                f"checkpoint {os.path.join(path, OPTIMIZER_FILE)!r} has {len(rng_states)} "
+                f"random-generator states; the model has {len(rng_variables)}."
+            )
         if not optimizer.built:
             optimizer.build(model.trainable_variables)
         if len(arrays) != len(optimizer.variables):
@@ -132,5 +149,7 @@ class CheckpointManager:
                     f"checkpoint optimizer variable {variable.path!r} has shape {value.shape}; "
                     f"expected {tuple(variable.shape)}."
                 )
+            variable.assign(value)
+        for variable, value in zip(rng_variables, rng_states):
             variable.assign(value)
         return step

@@ -130,7 +130,7 @@ def train(
             distill_temperature=train_config.distill_temperature,
         )
         optimizer = make_optimizer(train_config)
-        trainer.compile(optimizer=optimizer)
+        trainer.compile(optimizer=optimizer, jit_compile=train_config.jit_compile)
         optimizer.build(trainer.trainable_variables)
     manager = CheckpointManager(os.path.join(output_dir, "checkpoints"))
     step = 0

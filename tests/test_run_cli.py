@@ -1,0 +1,118 @@
+"""The run CLI end to end on tiny data, and its errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+WORDS = ("the cat sat on a mat while the dog ran after a ball in the garden and "
+         "a bird sang over the quiet river near the old stone bridge").split()
+
+
+def _write_corpus(directory, docs=40):
+    os.makedirs(directory, exist_ok=True)
+    for i in range(docs):
+        words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(60)]
+        with open(os.path.join(directory, f"doc{i}.txt"), "w") as f:
+            f.write(" ".join(words).capitalize() + ".\n")
+    return os.path.join(directory, "*.txt")
+
+
+def _run(*args, timeout=600):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-m", "toex_tf.run", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+TINY = ["--preset=tiny", "--tokenizer=byte", "--seq_len=16", "--batch_size=4",
+        "--train_steps=6", "--warmup_steps=2", "--checkpoint_every=3", "--eval_windows=8",
+        "--thresholds=0.0,0.5,1.0"]
+
+
+def test_train_and_eval_writes_model_results_and_logs(tmp_path):
+    glob = _write_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    result = _run(*TINY, f"--dataset=text:{glob}", f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "model.keras").exists() and (out / "tokenizer" / "tokenizer.json").exists()
+    assert os.listdir(out / "tensorboard")
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"config", "baseline", "sweeps"}
+    assert set(results["baseline"]) == {"perplexity", "accuracy", "num_layers"}
+    assert len(results["sweeps"]) == 3 * 3
+    keys = {"criterion", "threshold", "avg_exit_layer", "exit_rate", "exit_distribution",
+            "savings", "ideal_speedup", "perplexity", "accuracy"}
+    for row in results["sweeps"]:
+        assert set(row) == keys
+        assert sum(row["exit_distribution"].values()) == pytest.approx(1.0)
+    zero = [r for r in results["sweeps"] if r["threshold"] == 0.0]
+    assert all(r["exit_rate"] > 0.5 for r in zero)
+    never = [r for r in results["sweeps"] if r["threshold"] == 1.0]
+    assert all(r["exit_rate"] == 0 and r["perplexity"] == results["baseline"]["perplexity"]
+               for r in never)
+    assert results["config"]["flags"]["train_steps"] == 6
+    assert "criterion" in result.stdout and "full depth" in result.stdout
+    log = [json.loads(line) for line in (out / "config_log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and log[0]["results"]["baseline"] == results["baseline"]
+
+    # Eval alone reuses the saved model and tokenizer, and appends to the log.
+    again = _run(*TINY, f"--dataset=text:{glob}", f"--output_dir={out}", "--mode=eval")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["baseline"] == results["baseline"]
+    assert len((out / "config_log.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mode=fly"], "--mode"),
+        (["--thresholds=0.5,1.5"], "--thresholds must be numbers in [0, 1]"),
+        (["--criteria=margin,vibes"], "--criteria must be a subset"),
+        (["--strategy=tpu"], "--strategy"),
+        (["--exit_layers=0,2"], "exit layer 0 is out of range"),
+        (["--exit_layers=1,9"], "exit layer 9 is out of range"),
+    ],
+)
+def test_bad_flags_fail_with_a_clear_message(tmp_path, args, message):
+    glob = _write_corpus(tmp_path / "corpus", docs=4)
+    result = _run(*TINY, f"--dataset=text:{glob}", f"--output_dir={tmp_path / 'out'}", *args)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_data_fails_with_a_clear_message(tmp_path):
+    out = f"--output_dir={tmp_path / 'out'}"
+    result = _run(*TINY, f"--dataset=text:{tmp_path}/nothing/*.txt", out)
+    assert result.returncode != 0 and "matched no files" in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("   \n")
+    result = _run(*TINY, f"--dataset=text:{empty}/*.txt", out)
+    assert result.returncode != 0 and "empty" in result.stderr
+    result = _run(*TINY, "--dataset=parquet:x", out)
+    assert result.returncode != 0 and "parquet:x" in result.stderr
+
+
+def test_missing_or_corrupt_model_and_checkpoint(tmp_path):
+    glob = _write_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    result = _run(*TINY, f"--dataset=text:{glob}", f"--output_dir={out}", "--mode=eval")
+    assert result.returncode != 0 and "no model at" in result.stderr
+
+    (out / "model.keras").write_bytes(b"not a zip file")
+    result = _run(*TINY, f"--dataset=text:{glob}", f"--output_dir={out}", "--mode=eval")
+    assert result.returncode != 0 and "corrupt" in result.stderr
+
+    result = _run(*TINY, f"--dataset=text:{glob}", f"--output_dir={out}", "--mode=train",
+                  "--train_steps=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = out / "checkpoints" / "ckpt-00000003"
+    with open(checkpoint / "optimizer.npz", "r+b") as f:
+        f.write(b"garbage!")
+    result = _run(*TINY, f"--dataset=text:{glob}", f"--output_dir={out}", "--mode=train")
+    assert result.returncode != 0
+    assert "optimizer.npz" in result.stderr and "corrupt" in result.stderr
+    assert checkpoint.exists(), "a corrupt checkpoint is reported, never deleted"
