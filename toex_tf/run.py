@@ -157,6 +157,9 @@ def _main(argv):
 
     overrides, data, train, evaluation = _configs()
     flag_values = _flag_dict()
+    model_path = os.path.join(FLAGS.output_dir, "model.keras")
+    if FLAGS.mode == "eval" and not os.path.exists(model_path):
+        raise ValueError(f"no model at {model_path!r}: train first (--mode=train).")
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     prepared = pipeline.prepare_data(data, train.seq_len, FLAGS.output_dir, seed=train.seed)
     model_config = gpt_preset(
@@ -175,7 +178,7 @@ def _main(argv):
     if FLAGS.mode in ("eval", "train_and_eval"):
         results = pipeline.evaluate_saved(
             FLAGS.output_dir, prepared, evaluation, FLAGS.eval_windows, train.batch_size,
-            config={"flags": flag_values, "model": model_config.to_dict()},
+            config={"flags": flag_values},
         )
     with open(os.path.join(FLAGS.output_dir, "config_log.jsonl"), "a") as f:
         entry = {

@@ -122,11 +122,15 @@ def evaluate_saved(
         confidence_source=evaluation.confidence_source,
     )
     # Average attention context of a token in a window of length T: (T + 1) / 2.
-    cost_model = CostModel.for_gpt(model, context_length=(inputs.shape[1] + 1) / 2)
+    cost_model = CostModel.for_gpt(
+        model, context_length=(inputs.shape[1] + 1) / 2,
+        confidence_source=evaluation.confidence_source,
+    )
     swept = sweep(stats, model.exit_layers, cost_model, evaluation.thresholds, evaluation.criteria)
     results = {
         "config": {
             **config,
+            "model": {**model.gpt_config.to_dict(), "parameters": model.count_params()},
             "exit_layers": list(model.exit_layers),
             "eval_tokens": int(inputs.size),
             "confidence_source": evaluation.confidence_source,

@@ -74,3 +74,14 @@ def test_bad_evaluation_inputs():
     with pytest.raises(ValueError, match="threshold"):
         sweep({"log_prob": np.zeros((1, 2)), "correct": np.zeros((1, 2), bool),
                "confidence": {"margin": np.zeros((1, 2))}}, (1, 2), COST, [1.5])
+
+
+def test_gpt_cost_model_counts_the_check_head_it_uses():
+    model = build_gpt("tiny", vocab_size=64, hidden_dim=16, num_layers=2, shortlist_size=16)
+    cheap = CostModel.for_gpt(model, context_length=8.0)
+    full = CostModel.for_gpt(model, context_length=8.0, confidence_source="full")
+    d, ffn = 16, 64
+    assert cheap.layer_macs == 4 * d * d + 2 * 8.0 * d + 2 * d * ffn + 2 * d
+    assert cheap.full_head_macs == 64 * d + d
+    assert cheap.check_macs == 16 * d + d + 3 * 16
+    assert full.check_macs == 64 * d + d + 3 * 64

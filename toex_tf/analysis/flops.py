@@ -28,23 +28,29 @@ class CostModel:
     num_layers: int
 
     @classmethod
-    def for_gpt(cls, model, context_length: float) -> "CostModel":
-        """The cost model of an `EarlyExitGPT` at an average attention context length."""
+    def for_gpt(cls, model, context_length: float, confidence_source: str = "cheap") -> "CostModel":
+        """The cost model of an `EarlyExitGPT` at an average attention context length.
+
+        With `confidence_source="full"` every check pays the full vocabulary projection
+        (the cost `LightweightOutputEmbedding` exists to avoid).
+        """
         config = model.gpt_config
         d = config.hidden_dim
         ffn = config.intermediate_dim or 4 * d
         attention = 4 * d * d + 2 * context_length * d
         layer = attention + 2 * d * ffn * config.capacity + 2 * d  # + norms
         head = model.token_embedding.cost_report()
-        cheap_width = (
-            config.shortlist_size if config.output_embedding_mode == "shortlist"
-            else config.vocab_size
-        )
-        gate = 3 * cheap_width  # softmax (exp, sum, divide) and top-2 over the cheap logits
+        check_head = head["cheap_head_macs"]
+        checked_logits = config.vocab_size
+        if confidence_source == "full":
+            check_head = head["full_head_macs"]
+        elif config.output_embedding_mode == "shortlist":
+            checked_logits = config.shortlist_size
+        gate = 3 * checked_logits  # softmax (exp, sum, divide) and top-2 over the logits
         return cls(
             layer_macs=float(layer),
             full_head_macs=float(head["full_head_macs"] + d),
-            check_macs=float(head["cheap_head_macs"] + d + gate),
+            check_macs=float(check_head + d + gate),
             num_layers=config.num_layers,
         )
 
