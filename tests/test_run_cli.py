@@ -102,6 +102,7 @@ def test_missing_or_corrupt_model_and_checkpoint(tmp_path):
     result = _run(*TINY, f"--dataset=text:{glob}", f"--output_dir={out}", "--mode=eval")
     assert result.returncode != 0 and "no model at" in result.stderr
 
+    out.mkdir(exist_ok=True)
     (out / "model.keras").write_bytes(b"not a zip file")
     result = _run(*TINY, f"--dataset=text:{glob}", f"--output_dir={out}", "--mode=eval")
     assert result.returncode != 0 and "corrupt" in result.stderr

@@ -130,7 +130,10 @@ def train(
             distill_temperature=train_config.distill_temperature,
         )
         optimizer = make_optimizer(train_config)
-        trainer.compile(optimizer=optimizer, jit_compile=train_config.jit_compile)
+        # XLA compiles for one device: with replicas on several devices it cannot place
+        # the mirrored variables, so distributed runs use the plain graph.
+        jit_compile = train_config.jit_compile and strategy.num_replicas_in_sync == 1
+        trainer.compile(optimizer=optimizer, jit_compile=jit_compile)
         optimizer.build(trainer.trainable_variables)
     manager = CheckpointManager(os.path.join(output_dir, "checkpoints"))
     step = 0
