@@ -7,8 +7,10 @@ import sys
 
 import pytest
 
-WORDS = ("the cat sat on a mat while the dog ran after a ball in the garden and "
-         "a bird sang over the quiet river near the old stone bridge").split()
+WORDS = (
+    "the cat sat on a mat while the dog ran after a ball in the garden and "
+    "a bird sang over the quiet river near the old stone bridge"
+).split()
 
 
 def _write_corpus(directory, docs=40):
@@ -22,13 +24,26 @@ def _write_corpus(directory, docs=40):
 
 def _run(*args, timeout=600):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, "-m", "toex_tf.run", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "toex_tf.run", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
-TINY = ["--preset=tiny", "--tokenizer=byte", "--seq_len=16", "--batch_size=4",
-        "--train_steps=6", "--warmup_steps=2", "--checkpoint_every=3", "--eval_windows=8",
-        "--thresholds=0.0,0.5,1.0"]
+TINY = [
+    "--preset=tiny",
+    "--tokenizer=byte",
+    "--seq_len=16",
+    "--batch_size=4",
+    "--train_steps=6",
+    "--warmup_steps=2",
+    "--checkpoint_every=3",
+    "--eval_windows=8",
+    "--thresholds=0.0,0.5,1.0",
+]
 
 
 def test_train_and_eval_writes_model_results_and_logs(tmp_path):
@@ -42,16 +57,26 @@ def test_train_and_eval_writes_model_results_and_logs(tmp_path):
     assert set(results) == {"config", "baseline", "sweeps"}
     assert set(results["baseline"]) == {"perplexity", "accuracy", "num_layers"}
     assert len(results["sweeps"]) == 3 * 3
-    keys = {"criterion", "threshold", "avg_exit_layer", "exit_rate", "exit_distribution",
-            "savings", "ideal_speedup", "perplexity", "accuracy"}
+    keys = {
+        "criterion",
+        "threshold",
+        "avg_exit_layer",
+        "exit_rate",
+        "exit_distribution",
+        "savings",
+        "ideal_speedup",
+        "perplexity",
+        "accuracy",
+    }
     for row in results["sweeps"]:
         assert set(row) == keys
         assert sum(row["exit_distribution"].values()) == pytest.approx(1.0)
     zero = [r for r in results["sweeps"] if r["threshold"] == 0.0]
     assert all(r["exit_rate"] > 0.5 for r in zero)
     never = [r for r in results["sweeps"] if r["threshold"] == 1.0]
-    assert all(r["exit_rate"] == 0 and r["perplexity"] == results["baseline"]["perplexity"]
-               for r in never)
+    assert all(
+        r["exit_rate"] == 0 and r["perplexity"] == results["baseline"]["perplexity"] for r in never
+    )
     assert results["config"]["flags"]["train_steps"] == 6
     assert "criterion" in result.stdout and "full depth" in result.stdout
     log = [json.loads(line) for line in (out / "config_log.jsonl").read_text().splitlines()]
@@ -107,8 +132,9 @@ def test_missing_or_corrupt_model_and_checkpoint(tmp_path):
     result = _run(*TINY, f"--dataset=text:{glob}", f"--output_dir={out}", "--mode=eval")
     assert result.returncode != 0 and "corrupt" in result.stderr
 
-    result = _run(*TINY, f"--dataset=text:{glob}", f"--output_dir={out}", "--mode=train",
-                  "--train_steps=3")
+    result = _run(
+        *TINY, f"--dataset=text:{glob}", f"--output_dir={out}", "--mode=train", "--train_steps=3"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = out / "checkpoints" / "ckpt-00000003"
     with open(checkpoint / "optimizer.npz", "r+b") as f:

@@ -92,15 +92,29 @@ class GPTConfig:
 
 PRESETS = {
     # Unit tests: 2 layers, width 16.
-    "tiny": dict(vocab_size=64, max_length=32, hidden_dim=16, num_layers=2, num_heads=2,
-                 shortlist_size=16),
+    "tiny": dict(
+        vocab_size=64, max_length=32, hidden_dim=16, num_layers=2, num_heads=2, shortlist_size=16
+    ),
     # Quickstart: trains on 2 CPU cores in minutes.
-    "quickstart": dict(vocab_size=2048, max_length=128, hidden_dim=128, num_layers=6,
-                       num_heads=4, shortlist_size=128),
-    "toex-small": dict(vocab_size=4096, max_length=256, hidden_dim=384, num_layers=10,
-                       num_heads=12),
-    "gpt2-small": dict(vocab_size=50257, max_length=1024, hidden_dim=768, num_layers=12,
-                       num_heads=12, shortlist_size=1024),
+    "quickstart": dict(
+        vocab_size=2048,
+        max_length=128,
+        hidden_dim=128,
+        num_layers=6,
+        num_heads=4,
+        shortlist_size=128,
+    ),
+    "toex-small": dict(
+        vocab_size=4096, max_length=256, hidden_dim=384, num_layers=10, num_heads=12
+    ),
+    "gpt2-small": dict(
+        vocab_size=50257,
+        max_length=1024,
+        hidden_dim=768,
+        num_layers=12,
+        num_heads=12,
+        shortlist_size=1024,
+    ),
 }
 
 

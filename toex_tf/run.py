@@ -79,7 +79,9 @@ flags.DEFINE_list(
 )
 flags.DEFINE_integer("eval_windows", 256, "Held-out windows to evaluate.", lower_bound=1)
 flags.DEFINE_enum(
-    "confidence_source", "cheap", ["cheap", "full"],
+    "confidence_source",
+    "cheap",
+    ["cheap", "full"],
     "Confidence from the cheap LightweightOutputEmbedding head or the full head.",
 )
 
@@ -100,8 +102,14 @@ def _check_thresholds(values):
 def _configs():
     overrides = {
         name: getattr(FLAGS, name)
-        for name in ("hidden_dim", "num_layers", "num_heads", "max_length", "shortlist_size",
-                     "low_rank")
+        for name in (
+            "hidden_dim",
+            "num_layers",
+            "num_heads",
+            "max_length",
+            "shortlist_size",
+            "low_rank",
+        )
         if getattr(FLAGS, name) is not None
     }
     data = DataConfig(
@@ -177,7 +185,11 @@ def _main(argv):
         pipeline.train_and_save(model_config, train, prepared, FLAGS.output_dir)
     if FLAGS.mode in ("eval", "train_and_eval"):
         results = pipeline.evaluate_saved(
-            FLAGS.output_dir, prepared, evaluation, FLAGS.eval_windows, train.batch_size,
+            FLAGS.output_dir,
+            prepared,
+            evaluation,
+            FLAGS.eval_windows,
+            train.batch_size,
             config={"flags": flag_values},
         )
     with open(os.path.join(FLAGS.output_dir, "config_log.jsonl"), "a") as f:

@@ -123,7 +123,8 @@ def evaluate_saved(
     )
     # Average attention context of a token in a window of length T: (T + 1) / 2.
     cost_model = CostModel.for_gpt(
-        model, context_length=(inputs.shape[1] + 1) / 2,
+        model,
+        context_length=(inputs.shape[1] + 1) / 2,
         confidence_source=evaluation.confidence_source,
     )
     swept = sweep(stats, model.exit_layers, cost_model, evaluation.thresholds, evaluation.criteria)

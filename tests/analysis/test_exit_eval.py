@@ -58,8 +58,9 @@ def test_collected_statistics_match_the_model_and_the_gate():
     np.testing.assert_allclose(stats["log_prob"][:, 1], expected, atol=1e-4)
     ids = np.asarray(model.token_embedding.shortlist_ids)
     confidence, _ = TopKConfidenceGate("margin")(logits[0][..., ids].astype("float32"))
-    np.testing.assert_allclose(stats["confidence"]["margin"][:, 0],
-                               np.asarray(confidence).reshape(-1), atol=1e-5)
+    np.testing.assert_allclose(
+        stats["confidence"]["margin"][:, 0], np.asarray(confidence).reshape(-1), atol=1e-5
+    )
 
 
 def test_bad_evaluation_inputs():
@@ -72,8 +73,16 @@ def test_bad_evaluation_inputs():
     with pytest.raises(ValueError, match="confidence_source"):
         collect_exit_statistics(model, ok, ok, confidence_source="oracle")
     with pytest.raises(ValueError, match="threshold"):
-        sweep({"log_prob": np.zeros((1, 2)), "correct": np.zeros((1, 2), bool),
-               "confidence": {"margin": np.zeros((1, 2))}}, (1, 2), COST, [1.5])
+        sweep(
+            {
+                "log_prob": np.zeros((1, 2)),
+                "correct": np.zeros((1, 2), bool),
+                "confidence": {"margin": np.zeros((1, 2))},
+            },
+            (1, 2),
+            COST,
+            [1.5],
+        )
 
 
 def test_gpt_cost_model_counts_the_check_head_it_uses():

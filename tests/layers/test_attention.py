@@ -20,8 +20,7 @@ X = RNG.normal(size=(2, 7, 16)).astype("float32")
 
 @pytest.mark.parametrize("kv_heads, rope", [(4, None), (2, 10000.0), (1, 500.0)])
 def test_cached_decoding_equals_uncached_forward(kv_heads, rope):
-    attention = CausalSelfAttention(num_heads=4, head_dim=4, num_kv_heads=kv_heads,
-                                    rope_theta=rope)
+    attention = CausalSelfAttention(num_heads=4, head_dim=4, num_kv_heads=kv_heads, rope_theta=rope)
     full = np.asarray(attention(X))
     cache = np.zeros((2, 2, 10, kv_heads, 4), "float32")
     # A 3-token prompt, then one token at a time.
@@ -108,8 +107,9 @@ def test_swiglu_ffn_matches_reference():
     out = np.asarray(ffn(X))
     gate, up, down = (np.asarray(d.kernel) for d in (ffn.gate_dense, ffn.up_dense, ffn.down_dense))
     g = X @ gate
-    np.testing.assert_allclose(out, ((g / (1 + np.exp(-g))) * (X @ up)) @ down, rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        out, ((g / (1 + np.exp(-g))) * (X @ up)) @ down, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_position_embedding_offsets_and_limits():
@@ -124,9 +124,16 @@ def test_position_embedding_offsets_and_limits():
 
 
 def test_transformer_block_variants_and_cache():
-    llama = TransformerBlock(num_heads=4, head_dim=4, intermediate_dim=32, num_kv_heads=2,
-                             norm_type="rms_norm", activation="swiglu", use_bias=False,
-                             rope_theta=10000.0)
+    llama = TransformerBlock(
+        num_heads=4,
+        head_dim=4,
+        intermediate_dim=32,
+        num_kv_heads=2,
+        norm_type="rms_norm",
+        activation="swiglu",
+        use_bias=False,
+        rope_theta=10000.0,
+    )
     full = np.asarray(llama(X))
     cache = np.zeros((2, 2, 7, 2, 4), "float32")
     out, cache = llama(X[:, :4], cache=cache, cache_update_index=0)
@@ -142,8 +149,9 @@ def test_transformer_block_variants_and_cache():
 
 
 def test_supporting_layer_roundtrips(tmp_path):
-    assert_roundtrip(CausalSelfAttention(4, 4, num_kv_heads=2, rope_theta=1e4), X, tmp_path,
-                     atol=1e-6)
+    assert_roundtrip(
+        CausalSelfAttention(4, 4, num_kv_heads=2, rope_theta=1e4), X, tmp_path, atol=1e-6
+    )
     assert_roundtrip(TransformerBlock(2, 8, 32, capacity=0.5), X, tmp_path, atol=1e-6)
     assert_roundtrip(RMSNorm(1e-5), X, tmp_path)
     assert_roundtrip(PositionEmbedding(16), X, tmp_path)

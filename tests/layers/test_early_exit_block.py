@@ -61,8 +61,9 @@ def test_layer_dropout_skips_whole_sequences_in_training_only():
     skipped = np.all(np.isclose(np.asarray(hidden), x), axis=(1, 2))
     assert 10 < skipped.sum() < 54  # about half of 64 rows
     kept = ~skipped
-    np.testing.assert_allclose(np.asarray(hidden)[kept], np.repeat(np.asarray(full)[:1],
-                               kept.sum(), 0), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(hidden)[kept], np.repeat(np.asarray(full)[:1], kept.sum(), 0), atol=1e-5
+    )
     inference, _ = block(x, training=False)
     assert not np.all(np.isclose(np.asarray(inference), x), axis=(1, 2)).any()
 

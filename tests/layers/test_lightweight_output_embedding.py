@@ -92,8 +92,9 @@ def test_bad_shortlist():
 
 @pytest.mark.parametrize("mode", ["shortlist", "low_rank"])
 def test_roundtrip(tmp_path, mode):
-    layer = LightweightOutputEmbedding(vocab_size=50, hidden_dim=16, mode=mode, shortlist_size=8,
-                                       rank=4)
+    layer = LightweightOutputEmbedding(
+        vocab_size=50, hidden_dim=16, mode=mode, shortlist_size=8, rank=4
+    )
     layer(HIDDEN)
     if mode == "shortlist":
         layer.set_shortlist(np.arange(40, 48))

@@ -46,8 +46,13 @@ def test_capacity_one_is_the_plain_ffn():
 def test_predictor_learns_top_k_membership():
     """The causal predictor, trained only through its added loss, learns the routing."""
     inputs = keras.Input((10, 16))
-    router = SkipRouter(FeedForward(intermediate_dim=32), capacity=0.5, predictor_weight=1.0,
-                        z_loss_weight=0.0, entropy_weight=0.0)
+    router = SkipRouter(
+        FeedForward(intermediate_dim=32),
+        capacity=0.5,
+        predictor_weight=1.0,
+        z_loss_weight=0.0,
+        entropy_weight=0.0,
+    )
     model = keras.Model(inputs, router(inputs))
     # The FFN output has zero loss weight: only the added router losses train.
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=lambda y, p: 0.0 * keras.ops.sum(p))

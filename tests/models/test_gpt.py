@@ -64,8 +64,9 @@ def test_signal_model_shares_weights_and_adds_cheap_logits():
 
 
 def test_save_and_load(tmp_path):
-    model = build_gpt("tiny", exit_layers="1", capacity=0.5, output_embedding_mode="low_rank",
-                      low_rank=8)
+    model = build_gpt(
+        "tiny", exit_layers="1", capacity=0.5, output_embedding_mode="low_rank", low_rank=8
+    )
     path = tmp_path / "gpt.keras"
     model.save(path)
     loaded = keras.saving.load_model(path)
@@ -109,8 +110,9 @@ def test_imports_and_runs_without_tensorflow(tmp_path):
         "print('ok', keras.backend.backend(), len(out))\n"
     )
     env = {**os.environ, "KERAS_BACKEND": "jax"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ok jax 2" in result.stdout
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)

@@ -18,8 +18,16 @@ MODEL = gpt_preset("tiny", dropout=0.1, layer_dropout=0.3)
 
 
 def _config(**kwargs):
-    return TrainConfig(**{"steps": 6, "batch_size": 4, "seq_len": 16, "warmup_steps": 2,
-                          "checkpoint_every": 2, **kwargs})
+    return TrainConfig(
+        **{
+            "steps": 6,
+            "batch_size": 4,
+            "seq_len": 16,
+            "warmup_steps": 2,
+            "checkpoint_every": 2,
+            **kwargs,
+        }
+    )
 
 
 class CrashAt(keras.callbacks.Callback):
@@ -38,8 +46,15 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
     straight = train(MODEL, _config(), INPUTS, TARGETS, str(tmp_path / "a"), verbose=0)
     with pytest.raises(KeyboardInterrupt):
         # Crashes after step 5: checkpoint 4 is the last one, step 5 is lost.
-        train(MODEL, _config(), INPUTS, TARGETS, str(tmp_path / "b"), callbacks=[CrashAt(5)],
-              verbose=0)
+        train(
+            MODEL,
+            _config(),
+            INPUTS,
+            TARGETS,
+            str(tmp_path / "b"),
+            callbacks=[CrashAt(5)],
+            verbose=0,
+        )
     manager = CheckpointManager(str(tmp_path / "b" / "checkpoints"))
     assert os.path.basename(manager.latest()) == "ckpt-00000004"
     resumed = train(MODEL, _config(), INPUTS, TARGETS, str(tmp_path / "b"), verbose=0)
@@ -47,10 +62,12 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
         np.testing.assert_array_equal(a, b)
     # A resumed run really continued: its weights differ from the step-4 checkpoint.
     at_four = build_gpt(MODEL)
-    at_four.load_weights(os.path.join(tmp_path, "b", "checkpoints", "ckpt-00000004",
-                                      "model.weights.h5"))
-    assert any(not np.array_equal(a, b)
-               for a, b in zip(at_four.get_weights(), resumed.get_weights()))
+    at_four.load_weights(
+        os.path.join(tmp_path, "b", "checkpoints", "ckpt-00000004", "model.weights.h5")
+    )
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(at_four.get_weights(), resumed.get_weights())
+    )
 
 
 def test_restore_errors_name_the_problem(tmp_path):
@@ -92,8 +109,10 @@ def test_interrupted_save_never_replaces_a_good_checkpoint(tmp_path):
     for step in (1, 2, 3):
         manager.save(step, model, optimizer)
     os.makedirs(tmp_path / "ckpt-00000009.tmp")  # a save that died half-way
-    assert [os.path.basename(p) for p in manager.checkpoints()] == ["ckpt-00000002",
-                                                                   "ckpt-00000003"]
+    assert [os.path.basename(p) for p in manager.checkpoints()] == [
+        "ckpt-00000002",
+        "ckpt-00000003",
+    ]
     assert manager.restore(model, optimizer) == 3
 
 
@@ -119,8 +138,9 @@ out = model(x[:2])["exit_logits"][-1]
 assert np.isfinite(np.asarray(out)).all()
 print("replicas", make_strategy("mirrored").num_replicas_in_sync)
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "replicas 2" in result.stdout
     assert os.path.isdir(tmp_path / "checkpoints" / "ckpt-00000003")

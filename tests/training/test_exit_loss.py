@@ -14,8 +14,9 @@ def test_weight_schedules_rise_with_depth_and_sum_to_one():
     np.testing.assert_allclose(exit_loss_weights("1,3", (2, 4), 4), [0.25, 0.75])
 
 
-@pytest.mark.parametrize("spec, error", [("steep", "exit_loss_weights"), ("1,2,3", "3 weights"),
-                                         ("-1,2", ">= 0")])
+@pytest.mark.parametrize(
+    "spec, error", [("steep", "exit_loss_weights"), ("1,2,3", "3 weights"), ("-1,2", ">= 0")]
+)
 def test_bad_weight_specs(spec, error):
     with pytest.raises(ValueError, match=error):
         exit_loss_weights(spec, (2, 4), 4)
@@ -42,9 +43,7 @@ def test_joint_loss_matches_manual_weighted_cross_entropy_and_distillation():
         log_probs = _log_softmax(exit_logits)
         expected += w * -np.take_along_axis(log_probs, y[..., None], -1).mean()
     teacher = _log_softmax(logits[-1] / 2.0)
-    kl = [
-        (np.exp(teacher) * (teacher - _log_softmax(s / 2.0))).sum(-1).mean() for s in logits[:-1]
-    ]
+    kl = [(np.exp(teacher) * (teacher - _log_softmax(s / 2.0))).sum(-1).mean() for s in logits[:-1]]
     expected += 0.5 * 4.0 * np.mean(kl)
     assert loss == pytest.approx(expected, rel=1e-5)
 

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from toex_tf.layers.attention_ops import causal_mask, multi_head_attention
+from toex_tf.layers.layer_utils import built_dense, get_initializer
 from toex_tf.layers.rotary_embedding import RotaryEmbedding
 
 
@@ -60,39 +61,24 @@ class CausalSelfAttention(keras.layers.Layer):
         super().__init__(**kwargs)
         num_kv_heads = num_kv_heads or num_heads
         if num_heads % num_kv_heads:
-            raise ValueError(
-                f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}."
-            )
+            raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}.")
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
         self.use_bias = use_bias
         self.rope_theta = rope_theta
         self.dropout = dropout
-        if kernel_initializer == "normal":
-            kernel_initializer = keras.initializers.RandomNormal(stddev=0.02)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_initializer = get_initializer(kernel_initializer)
 
     def build(self, input_shape):
-        hidden_dim = input_shape[-1]
-
-        def dense(units, name):
-            layer = keras.layers.Dense(
-                units,
-                use_bias=self.use_bias,
-                kernel_initializer=self.kernel_initializer,
-                dtype=self.dtype_policy,
-                name=name,
-            )
-            return layer
-
-        self.query_dense = dense(self.num_heads * self.head_dim, "query")
-        self.key_dense = dense(self.num_kv_heads * self.head_dim, "key")
-        self.value_dense = dense(self.num_kv_heads * self.head_dim, "value")
-        self.output_dense = dense(hidden_dim, "attention_output")
-        for layer in (self.query_dense, self.key_dense, self.value_dense):
-            layer.build(input_shape)
-        self.output_dense.build(tuple(input_shape[:-1]) + (self.num_heads * self.head_dim,))
+        query_width = self.num_heads * self.head_dim
+        kv_width = self.num_kv_heads * self.head_dim
+        self.query_dense = built_dense(self, query_width, "query", input_shape)
+        self.key_dense = built_dense(self, kv_width, "key", input_shape)
+        self.value_dense = built_dense(self, kv_width, "value", input_shape)
+        self.output_dense = built_dense(
+            self, input_shape[-1], "attention_output", tuple(input_shape[:-1]) + (query_width,)
+        )
         self.rotary = None
         if self.rope_theta is not None:
             self.rotary = RotaryEmbedding(self.rope_theta, dtype=self.dtype_policy, name="rope")
@@ -108,9 +94,7 @@ class CausalSelfAttention(keras.layers.Layer):
             key = self.rotary(key, start_index=start_index)
         return key, value
 
-    def call(
-        self, inputs, padding_mask=None, cache=None, cache_update_index=None, training=None
-    ):
+    def call(self, inputs, padding_mask=None, cache=None, cache_update_index=None, training=None):
         batch, seq = ops.shape(inputs)[0], ops.shape(inputs)[1]
         start = 0 if cache is None else cache_update_index
         if cache is not None and cache_update_index is None:

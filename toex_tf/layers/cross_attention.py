@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from toex_tf.layers.attention_ops import multi_head_attention
+from toex_tf.layers.layer_utils import built_dense, get_initializer
 
 
 @keras.saving.register_keras_serializable(package="toex_tf")
@@ -47,30 +48,16 @@ class CrossAttention(keras.layers.Layer):
         self.head_dim = head_dim
         self.use_bias = use_bias
         self.dropout = dropout
-        if kernel_initializer == "normal":
-            kernel_initializer = keras.initializers.RandomNormal(stddev=0.02)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_initializer = get_initializer(kernel_initializer)
 
     def build(self, inputs_shape, encoder_outputs_shape=None):
         hidden_dim = inputs_shape[-1]
         encoder_outputs_shape = encoder_outputs_shape or inputs_shape
         width = self.num_heads * self.head_dim
-
-        def dense(units, name, shape):
-            layer = keras.layers.Dense(
-                units,
-                use_bias=self.use_bias,
-                kernel_initializer=self.kernel_initializer,
-                dtype=self.dtype_policy,
-                name=name,
-            )
-            layer.build(shape)
-            return layer
-
-        self.query_dense = dense(width, "query", inputs_shape)
-        self.key_dense = dense(width, "key", encoder_outputs_shape)
-        self.value_dense = dense(width, "value", encoder_outputs_shape)
-        self.output_dense = dense(hidden_dim, "attention_output", (None, None, width))
+        self.query_dense = built_dense(self, width, "query", inputs_shape)
+        self.key_dense = built_dense(self, width, "key", encoder_outputs_shape)
+        self.value_dense = built_dense(self, width, "value", encoder_outputs_shape)
+        self.output_dense = built_dense(self, hidden_dim, "attention_output", (None, None, width))
         self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
 
     def call(self, inputs, encoder_outputs, encoder_padding_mask=None, training=None):

@@ -163,9 +163,10 @@ class EarlyExitBlock(keras.layers.Layer):
         if cache is not None:
             hidden, cache = hidden
         if training and self.seed_generator is not None:
-            keep = keras.random.uniform(
-                (ops.shape(inputs)[0], 1, 1), seed=self.seed_generator
-            ) >= self.layer_dropout
+            keep = (
+                keras.random.uniform((ops.shape(inputs)[0], 1, 1), seed=self.seed_generator)
+                >= self.layer_dropout
+            )
             hidden = ops.where(keep, hidden, inputs)
         outputs = [hidden]
         if self.has_exit:
@@ -187,9 +188,7 @@ class EarlyExitBlock(keras.layers.Layer):
                 keras.KerasTensor(prefix + (self.output_embedding.vocab_size,), self.compute_dtype)
             )
             if return_exit_signals:
-                cheap = self.output_embedding.compute_output_spec(
-                    outputs[0], mode="cheap_logits"
-                )
+                cheap = self.output_embedding.compute_output_spec(outputs[0], mode="cheap_logits")
                 outputs.append(
                     {
                         "cheap_logits": cheap,

@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from toex_tf.layers.layer_utils import built_dense, get_initializer
+
 ACTIVATIONS = ("gelu", "relu", "swiglu")
 
 
@@ -46,28 +48,15 @@ class FeedForward(keras.layers.Layer):
         self.activation = activation
         self.use_bias = use_bias
         self.dropout = dropout
-        if kernel_initializer == "normal":
-            kernel_initializer = keras.initializers.RandomNormal(stddev=0.02)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_initializer = get_initializer(kernel_initializer)
 
     def build(self, input_shape):
-        def dense(units, name, shape):
-            layer = keras.layers.Dense(
-                units,
-                use_bias=self.use_bias,
-                kernel_initializer=self.kernel_initializer,
-                dtype=self.dtype_policy,
-                name=name,
-            )
-            layer.build(shape)
-            return layer
-
         inner_shape = tuple(input_shape[:-1]) + (self.intermediate_dim,)
-        self.up_dense = dense(self.intermediate_dim, "up", input_shape)
+        self.up_dense = built_dense(self, self.intermediate_dim, "up", input_shape)
         self.gate_dense = None
         if self.activation == "swiglu":
-            self.gate_dense = dense(self.intermediate_dim, "gate", input_shape)
-        self.down_dense = dense(input_shape[-1], "down", inner_shape)
+            self.gate_dense = built_dense(self, self.intermediate_dim, "gate", input_shape)
+        self.down_dense = built_dense(self, input_shape[-1], "down", inner_shape)
         self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
 
     def call(self, inputs, training=None):

@@ -4,6 +4,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from toex_tf.layers.layer_utils import get_initializer
+
 MODES = ("shortlist", "low_rank")
 CALL_MODES = ("embed", "logits", "cheap_logits")
 
@@ -82,9 +84,7 @@ class LightweightOutputEmbedding(keras.layers.Layer):
         self.mode = mode
         self.shortlist_size = shortlist_size
         self.rank = rank
-        if embeddings_initializer == "normal":
-            embeddings_initializer = keras.initializers.RandomNormal(stddev=0.02)
-        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+        self.embeddings_initializer = get_initializer(embeddings_initializer)
 
     def build(self, input_shape=None):
         self.embeddings = self.add_weight(

@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from toex_tf.layers.layer_utils import get_initializer
+
 
 @keras.saving.register_keras_serializable(package="toex_tf")
 class PositionEmbedding(keras.layers.Layer):
@@ -30,16 +32,12 @@ class PositionEmbedding(keras.layers.Layer):
         if not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be a positive int; got {max_length!r}.")
         self.max_length = max_length
-        if initializer == "normal":
-            initializer = keras.initializers.RandomNormal(stddev=0.01)
-        self.initializer = keras.initializers.get(initializer)
+        self.initializer = get_initializer(initializer, stddev=0.01)
 
     def build(self, input_shape):
         seq = input_shape[1] if len(input_shape) > 1 else None
         if seq is not None and seq > self.max_length:
-            raise ValueError(
-                f"sequence length {seq} exceeds max_length={self.max_length}."
-            )
+            raise ValueError(f"sequence length {seq} exceeds max_length={self.max_length}.")
         self.embeddings = self.add_weight(
             name="embeddings",
             shape=(self.max_length, input_shape[-1]),

@@ -91,7 +91,9 @@ class SkipRouter(keras.layers.Layer):
         self.router_dense = keras.layers.Dense(1, dtype=self.dtype_policy, name="router")
         self.router_dense.build(input_shape)
         self.predictor_hidden = keras.layers.Dense(
-            self.predictor_hidden_dim, activation="gelu", dtype=self.dtype_policy,
+            self.predictor_hidden_dim,
+            activation="gelu",
+            dtype=self.dtype_policy,
             name="predictor_hidden",
         )
         self.predictor_hidden.build(input_shape)

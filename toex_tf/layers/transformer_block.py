@@ -142,7 +142,10 @@ class TransformerBlock(keras.layers.Layer):
         )
         if self.capacity < 1.0:
             self.ffn = SkipRouter(
-                self.ffn, capacity=self.capacity, dtype=policy, name="skip_router",
+                self.ffn,
+                capacity=self.capacity,
+                dtype=policy,
+                name="skip_router",
                 **self.router_config,
             )
         self.ffn.build(input_shape)

@@ -77,8 +77,9 @@ class CheckpointManager:
         np.savez(os.path.join(tmp, OPTIMIZER_FILE), **arrays)
         state = {
             "step": int(step),
-            "sha256": {name: _sha256(os.path.join(tmp, name)) for name in (WEIGHTS_FILE,
-                                                                          OPTIMIZER_FILE)},
+            "sha256": {
+                name: _sha256(os.path.join(tmp, name)) for name in (WEIGHTS_FILE, OPTIMIZER_FILE)
+            },
         }
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump(state, f)
