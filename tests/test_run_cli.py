@@ -53,6 +53,7 @@ def test_train_and_eval_writes_model_results_and_logs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "model.keras").exists() and (out / "tokenizer" / "tokenizer.json").exists()
     assert os.listdir(out / "tensorboard")
+    assert (out / "exit_curve.png").read_bytes()[:4] == b"\x89PNG"
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"config", "baseline", "sweeps"}
     assert set(results["baseline"]) == {"perplexity", "accuracy", "num_layers"}

@@ -9,6 +9,7 @@ import numpy as np
 
 from toex_tf.analysis.exit_eval import collect_exit_statistics, format_table, sweep
 from toex_tf.analysis.flops import CostModel
+from toex_tf.analysis.plots import plot_exit_curve
 from toex_tf.config import DataConfig, EvalConfig, GPTConfig, TrainConfig
 from toex_tf.data import (
     encode_documents,
@@ -109,7 +110,10 @@ def evaluate_saved(
     batch_size: int,
     config: dict,
 ) -> dict:
-    """Exit sweep of `output_dir/model.keras` on held-out windows → `results.json`."""
+    """Exit sweep of `output_dir/model.keras` on held-out windows.
+
+    Writes `results.json` and `exit_curve.png` to `output_dir`.
+    """
     model = load_model(os.path.join(output_dir, "model.keras"))
     inputs = data.val_inputs[:max_windows]
     targets = data.val_targets[:max_windows]
@@ -148,6 +152,7 @@ def evaluate_saved(
     with open(path + ".tmp", "w") as f:
         json.dump(results, f, indent=2)
     os.replace(path + ".tmp", path)
+    plot = plot_exit_curve(results, os.path.join(output_dir, "exit_curve.png"))
     print(format_table(results))
-    print(f"Wrote {path}.")
+    print(f"Wrote {path} and {plot}.")
     return results
