@@ -14,7 +14,8 @@ from toex_tf.training.tf_train import enable_determinism, train
 RNG = np.random.default_rng(0)
 INPUTS = RNG.integers(0, 64, size=(40, 16)).astype("int32")
 TARGETS = np.roll(INPUTS, -1, axis=1)
-MODEL = gpt_preset("tiny", dropout=0.1, layer_dropout=0.3)
+# Dropout, layer dropout and SkipRouter capacity all draw randomness or add losses in fit.
+MODEL = gpt_preset("tiny", dropout=0.1, layer_dropout=0.3, capacity=0.5)
 
 
 def _config(**kwargs):
