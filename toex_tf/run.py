@@ -9,6 +9,7 @@ This is the only module that knows about absl flags; it turns them into the data
 of `toex_tf.config` and calls the library.
 """
 
+import dataclasses
 import datetime
 import json
 import os
@@ -168,18 +169,20 @@ def _main(argv):
     model_path = os.path.join(FLAGS.output_dir, "model.keras")
     if FLAGS.mode == "eval" and not os.path.exists(model_path):
         raise ValueError(f"no model at {model_path!r}: train first (--mode=train).")
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    prepared = pipeline.prepare_data(data, train.seq_len, FLAGS.output_dir, seed=train.seed)
+    # The model settings are checked before the (slower) data preparation; the
+    # vocabulary size comes from the tokenizer afterwards.
     model_config = gpt_preset(
         FLAGS.preset,
         **overrides,
-        vocab_size=prepared.tokenizer.vocab_size,
         exit_layers=FLAGS.exit_layers,
         output_embedding_mode=FLAGS.output_embedding,
         dropout=FLAGS.dropout,
         layer_dropout=FLAGS.layer_dropout,
         capacity=FLAGS.capacity,
     )
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    prepared = pipeline.prepare_data(data, train.seq_len, FLAGS.output_dir, seed=train.seed)
+    model_config = dataclasses.replace(model_config, vocab_size=prepared.tokenizer.vocab_size)
     results = None
     if FLAGS.mode in ("train", "train_and_eval"):
         pipeline.train_and_save(model_config, train, prepared, FLAGS.output_dir)
