@@ -10,7 +10,6 @@ import os
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from toex_tf.config import GPTConfig, TrainConfig
 from toex_tf.data.tf_pipeline import make_lm_dataset
@@ -168,8 +167,3 @@ def train(
         )
     model.token_embedding.refresh_low_rank()
     return model
-
-
-def enable_determinism() -> None:
-    """Makes TF ops deterministic, so resumed runs match uninterrupted ones bit for bit."""
-    tf.config.experimental.enable_op_determinism()
