@@ -8,6 +8,29 @@ from toex_tf.layers.layer_utils import built_dense, get_initializer
 from toex_tf.layers.rotary_embedding import RotaryEmbedding
 
 
+def write_kv_cache(cache, key, value, index):
+    """Writes `key`/`value` `(batch, seq, kv_heads, head_dim)` into `cache` at `index`.
+
+    The one place the cache is written, so the serving export (issue 6) can swap the
+    `slice_update` (XlaDynamicUpdateSlice on TF) for a scatter in one spot.
+
+    Args:
+        cache: `(batch, 2, max_length, kv_heads, head_dim)`.
+        key, value: the new entries.
+        index: int or scalar tensor, position of `key[:, 0]`.
+
+    Returns:
+        The updated cache.
+    """
+    zero = ops.zeros((), "int32")
+    start = ops.cast(index, "int32")
+    key = ops.cast(key, cache.dtype)
+    value = ops.cast(value, cache.dtype)
+    key_cache = ops.slice_update(cache[:, 0], (zero, start, zero, zero), key)
+    value_cache = ops.slice_update(cache[:, 1], (zero, start, zero, zero), value)
+    return ops.stack([key_cache, value_cache], axis=1)
+
+
 @keras.saving.register_keras_serializable(package="toex_tf")
 class CausalSelfAttention(keras.layers.Layer):
     """Causal self-attention, MHA or GQA, with optional RoPE and an optional KV cache.
@@ -104,12 +127,8 @@ class CausalSelfAttention(keras.layers.Layer):
             query = self.rotary(query, start_index=start)
         key, value = self.project_kv(inputs, start_index=start)
         if cache is not None:
-            zero = ops.zeros((), "int32")
-            start_index = ops.cast(cache_update_index, "int32")
-            key_cache = ops.slice_update(cache[:, 0], (zero, start_index, zero, zero), key)
-            value_cache = ops.slice_update(cache[:, 1], (zero, start_index, zero, zero), value)
-            cache = ops.stack([key_cache, value_cache], axis=1)
-            key, value = key_cache, value_cache
+            cache = write_kv_cache(cache, key, value, cache_update_index)
+            key, value = cache[:, 0], cache[:, 1]
         mask = causal_mask(seq, ops.shape(key)[1], query_offset=start)[None, None]
         if padding_mask is not None:
             mask = ops.logical_and(mask, ops.cast(padding_mask, "bool")[:, None, None, :])

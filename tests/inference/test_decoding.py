@@ -1,0 +1,195 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from toex_tf.inference import DecoderAdapter, ExitPolicy, decode_step, generate, prefill
+from toex_tf.inference.tf_decode import compiled_generate
+from toex_tf.models import build_gpt
+
+RNG = np.random.default_rng(0)
+TOKENS = RNG.integers(0, 64, size=(2, 14)).astype("int32")
+
+
+def _model(**kwargs):
+    return build_gpt("tiny", **{"num_layers": 4, "exit_layers": "all", **kwargs})
+
+
+@pytest.mark.parametrize("mode", ["full", "unfrozen"])
+def test_cached_decoding_equals_uncached_forward_at_every_position(mode):
+    model = _model()
+    adapter = DecoderAdapter.from_gpt(model)
+    full = np.asarray(model(TOKENS)["exit_logits"][-1])
+    caches = adapter.empty_caches(2)
+    logits, caches = prefill(adapter, TOKENS[:, :3], caches)
+    steps = [np.asarray(logits)]
+    policy = ExitPolicy(mode, "max_prob", 1.0)
+    for t in range(3, 13):
+        logits, exit_layer, caches = decode_step(adapter, policy, TOKENS[:, t : t + 1], t, caches)
+        steps.append(np.asarray(logits))
+        assert (np.asarray(exit_layer) == 4).all()
+    np.testing.assert_allclose(np.stack(steps, 1), full[:, 2:13], atol=1e-5)
+
+
+def test_unfrozen_prediction_comes_from_the_first_passing_exit():
+    model = _model()
+    adapter = DecoderAdapter.from_gpt(model)
+    caches = adapter.empty_caches(2)
+    _, caches = prefill(adapter, TOKENS[:, :5], caches)
+    logits, exit_layer, _ = decode_step(
+        adapter, ExitPolicy("unfrozen", "max_prob", 0.0), TOKENS[:, 5:6], 5, caches
+    )
+    layer_one = np.asarray(model(TOKENS[:, :6])["exit_logits"][0])[:, -1]
+    np.testing.assert_allclose(np.asarray(logits), layer_one, atol=1e-5)
+    assert (np.asarray(exit_layer) == 1).all()
+
+
+def test_never_exit_generates_the_full_depth_tokens():
+    adapter = DecoderAdapter.from_gpt(_model())
+    prompt = TOKENS[:, :4]
+    reference, _ = generate(adapter, prompt, 8, ExitPolicy("full"))
+    for mode in ("unfrozen", "frozen"):
+        tokens, exits = generate(adapter, prompt, 8, ExitPolicy(mode, "margin", 1.0))
+        np.testing.assert_array_equal(np.asarray(tokens), np.asarray(reference))
+        assert (np.asarray(exits) == 4).all()
+
+
+def test_greedy_generation_matches_repeated_full_forward():
+    model = _model()
+    adapter = DecoderAdapter.from_gpt(model)
+    tokens, _ = generate(adapter, TOKENS[:, :4], 6)
+    sequence = TOKENS[:, :4]
+    for _ in range(6):
+        next_ids = np.asarray(model(sequence)["exit_logits"][-1])[:, -1].argmax(-1)
+        sequence = np.concatenate([sequence, next_ids[:, None].astype("int32")], axis=1)
+    np.testing.assert_array_equal(np.asarray(tokens), sequence[:, 4:])
+
+
+def test_frozen_mode_skips_layers_and_fills_their_cache_from_the_exit_state():
+    adapter = DecoderAdapter.from_gpt(_model())
+    caches = adapter.empty_caches(2)
+    _, caches = prefill(adapter, TOKENS[:, :5], caches)
+    _, exit_layer, frozen = decode_step(
+        adapter, ExitPolicy("frozen", "max_prob", 0.0), TOKENS[:, 5:6], 5, caches
+    )
+    _, _, exact = decode_step(adapter, ExitPolicy("full"), TOKENS[:, 5:6], 5, caches)
+    assert (np.asarray(exit_layer) == 1).all()
+    # Layer 1 ran: its cache is exact. Layer 2's K/V come from its true input (the exit
+    # state), so they are exact too. Layers 3-4: written, but from the wrong state.
+    for layer in (0, 1):
+        np.testing.assert_allclose(np.asarray(frozen[layer]), np.asarray(exact[layer]), atol=1e-6)
+    for layer in (2, 3):
+        written = np.asarray(frozen[layer])[:, :, 5]
+        assert np.abs(written).sum() > 0
+        assert np.abs(written - np.asarray(exact[layer])[:, :, 5]).max() > 1e-4
+
+
+def test_compiled_loop_equals_eager_and_handles_stop_tokens():
+    adapter = DecoderAdapter.from_gpt(_model())
+    prompt = TOKENS[:, :4]
+    policy = ExitPolicy("frozen", "margin", 0.05)
+    eager = generate(adapter, prompt, 8, policy)
+    compiled = compiled_generate(adapter, 8, policy)(prompt)
+    for a, b in zip(eager, compiled):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    first = int(np.asarray(eager[0])[0, 2])
+    tokens, exits = generate(adapter, prompt, 8, policy, stop_token_ids=[first])
+    tokens, exits = np.asarray(tokens), np.asarray(exits)
+    stop = list(tokens[0]).index(first)
+    assert (tokens[0, stop:] == first).all() and (exits[0, stop + 1 :] == 0).all()
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    adapter = DecoderAdapter.from_gpt(_model())
+    prompt = TOKENS[:, :4]
+    a, _ = generate(adapter, prompt, 8, sampling="sample", temperature=2.0, seed=3)
+    b, _ = generate(adapter, prompt, 8, sampling="sample", temperature=2.0, seed=3)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    greedy, _ = generate(adapter, prompt, 8)
+    top1, _ = generate(adapter, prompt, 8, sampling="sample", top_k=1, seed=5)
+    np.testing.assert_array_equal(np.asarray(top1), np.asarray(greedy))
+    nucleus, _ = generate(adapter, prompt, 8, sampling="sample", top_p=1e-6, seed=5)
+    np.testing.assert_array_equal(np.asarray(nucleus), np.asarray(greedy))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(prompt=np.zeros((1, 0), "int32")), "empty"),
+        (dict(prompt=np.zeros((1, 30), "int32")), "max_length"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(sampling="beam"), "sampling"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(prompt=np.zeros((4,), "int32")), "batch, length"),
+    ],
+)
+def test_bad_generation_input(kwargs, error):
+    adapter = DecoderAdapter.from_gpt(_model())
+    args = {"prompt": TOKENS[:, :4], "max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=error):
+        generate(adapter, **args)
+
+
+def test_bad_policy():
+    with pytest.raises(ValueError, match="mode"):
+        ExitPolicy(mode="teleport")
+    with pytest.raises(ValueError, match="criterion"):
+        ExitPolicy(criterion="vibes")
+    with pytest.raises(ValueError, match="threshold"):
+        ExitPolicy(threshold=1.5)
+
+
+def test_jax_backend_generates_the_same_tokens(tmp_path):
+    """The same loop under KERAS_BACKEND=jax (jit-compiled) gives TF's tokens."""
+    model = _model()
+    path = tmp_path / "gpt.keras"
+    model.save(path)
+    adapter = DecoderAdapter.from_gpt(model)
+    expected = [
+        np.asarray(v)
+        for v in generate(adapter, TOKENS[:, :4], 8, ExitPolicy("frozen", "margin", 0.05))
+    ]
+    code = (
+        "import jax, keras, numpy as np, toex_tf.models\n"
+        "from toex_tf.inference import DecoderAdapter, ExitPolicy, generate\n"
+        f"model = keras.saving.load_model({str(path)!r})\n"
+        "adapter = DecoderAdapter.from_gpt(model)\n"
+        "run = jax.jit(lambda p: generate(adapter, p, 8, ExitPolicy('frozen', 'margin', 0.05)))\n"
+        f"tokens, exits = run(np.array({TOKENS[:, :4].tolist()}, 'int32'))\n"
+        f"np.save({str(tmp_path / 't.npy')!r}, np.asarray(tokens))\n"
+        f"np.save({str(tmp_path / 'e.npy')!r}, np.asarray(exits))\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "t.npy"), expected[0])
+    np.testing.assert_array_equal(np.load(tmp_path / "e.npy"), expected[1])
+
+
+def test_hashed_uniform_is_uniform_and_seeded():
+    from toex_tf.inference.decoding import hashed_uniform
+
+    a = np.asarray(hashed_uniform((64, 512), np.array([1, 2])))
+    b = np.asarray(hashed_uniform((64, 512), np.array([1, 2])))
+    c = np.asarray(hashed_uniform((64, 512), np.array([1, 3])))
+    np.testing.assert_array_equal(a, b)
+    assert (a > 0).all() and (a < 1).all()
+    assert abs(a.mean() - 0.5) < 0.01 and abs(a.std() - 12**-0.5) < 0.01
+    assert np.abs(np.corrcoef(a.ravel(), c.ravel())[0, 1]) < 0.02
+    # Neighbouring cells are not correlated.
+    assert np.abs(np.corrcoef(a[:, :-1].ravel(), a[:, 1:].ravel())[0, 1]) < 0.02
+
+
+def test_sampling_follows_the_distribution():
+    from toex_tf.inference.decoding import sample_next
+
+    logits = np.log(np.array([[0.6, 0.3, 0.1]], "float32"))
+    draws = [
+        int(np.asarray(sample_next(logits, "sample", seed=np.array([7, s])))[0])
+        for s in range(3000)
+    ]
+    np.testing.assert_allclose(np.bincount(draws, minlength=3) / 3000, [0.6, 0.3, 0.1], atol=0.03)

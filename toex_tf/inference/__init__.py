@@ -1,0 +1,12 @@
+"""Inference: the KV-cached early-exit decode loop (keras.ops; `tf_*` modules need TF)."""
+
+from toex_tf.inference.decoding import (
+    DECODE_MODES,
+    DecoderAdapter,
+    ExitPolicy,
+    decode_step,
+    generate,
+    prefill,
+)
+
+__all__ = ["DECODE_MODES", "DecoderAdapter", "ExitPolicy", "decode_step", "generate", "prefill"]
