@@ -27,7 +27,9 @@ def test_cached_decoding_equals_uncached_forward_at_every_position(mode):
     steps = [np.asarray(logits)]
     policy = ExitPolicy(mode, "max_prob", 1.0)
     for t in range(3, 13):
-        logits, exit_layer, caches = decode_step(adapter, policy, TOKENS[:, t : t + 1], t, caches)
+        logits, exit_layer, caches, _ = decode_step(
+            adapter, policy, TOKENS[:, t : t + 1], t, caches
+        )
         steps.append(np.asarray(logits))
         assert (np.asarray(exit_layer) == 4).all()
     np.testing.assert_allclose(np.stack(steps, 1), full[:, 2:13], atol=1e-5)
@@ -38,7 +40,7 @@ def test_unfrozen_prediction_comes_from_the_first_passing_exit():
     adapter = DecoderAdapter.from_gpt(model)
     caches = adapter.empty_caches(2)
     _, caches = prefill(adapter, TOKENS[:, :5], caches)
-    logits, exit_layer, _ = decode_step(
+    logits, exit_layer, _, _ = decode_step(
         adapter, ExitPolicy("unfrozen", "max_prob", 0.0), TOKENS[:, 5:6], 5, caches
     )
     layer_one = np.asarray(model(TOKENS[:, :6])["exit_logits"][0])[:, -1]
@@ -71,10 +73,10 @@ def test_frozen_mode_skips_layers_and_fills_their_cache_from_the_exit_state():
     adapter = DecoderAdapter.from_gpt(_model())
     caches = adapter.empty_caches(2)
     _, caches = prefill(adapter, TOKENS[:, :5], caches)
-    _, exit_layer, frozen = decode_step(
+    _, exit_layer, frozen, _ = decode_step(
         adapter, ExitPolicy("frozen", "max_prob", 0.0), TOKENS[:, 5:6], 5, caches
     )
-    _, _, exact = decode_step(adapter, ExitPolicy("full"), TOKENS[:, 5:6], 5, caches)
+    _, _, exact, _ = decode_step(adapter, ExitPolicy("full"), TOKENS[:, 5:6], 5, caches)
     assert (np.asarray(exit_layer) == 1).all()
     # Layer 1 ran: its cache is exact. Layer 2's K/V come from its true input (the exit
     # state), so they are exact too. Layers 3-4: written, but from the wrong state.
@@ -193,3 +195,89 @@ def test_sampling_follows_the_distribution():
         for s in range(3000)
     ]
     np.testing.assert_allclose(np.bincount(draws, minlength=3) / 3000, [0.6, 0.3, 0.1], atol=0.03)
+
+
+def _peaky_adapter():
+    """A random model with sharp distributions, so exit confidences spread out."""
+    model = _model()
+    embeddings = model.token_embedding.embeddings
+    embeddings.assign(np.asarray(embeddings) * 30.0)
+    return DecoderAdapter.from_gpt(model)
+
+
+def _mixed_threshold(adapter, prompt, new_tokens):
+    """A max_prob threshold at which some tokens exit early and some do not."""
+    for threshold in np.linspace(0.05, 0.95, 19):
+        _, exits = generate(
+            adapter, prompt, new_tokens, ExitPolicy("unfrozen", "max_prob", threshold)
+        )
+        exits = np.asarray(exits)
+        if (exits < 4).mean() > 0.3 and (exits == 4).mean() > 0.1:
+            return threshold
+    raise AssertionError("no threshold mixes early and full-depth exits")
+
+
+@pytest.mark.parametrize("max_pending", [2, 3, 8])
+def test_lazy_generates_exactly_the_unfrozen_tokens(max_pending):
+    adapter = _peaky_adapter()
+    prompt = TOKENS[:, :3]
+    threshold = _mixed_threshold(adapter, prompt, 16)
+    reference = generate(adapter, prompt, 16, ExitPolicy("unfrozen", "max_prob", threshold))
+    lazy = generate(
+        adapter, prompt, 16, ExitPolicy("lazy", "max_prob", threshold, max_pending=max_pending)
+    )
+    for a, b in zip(reference, lazy):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_lazy_caches_equal_a_full_forward_after_flush():
+    from toex_tf.inference import flush_lazy
+
+    adapter = _peaky_adapter()
+    prompt = TOKENS[:, :3]
+    threshold = _mixed_threshold(adapter, prompt, 16)
+    policy = ExitPolicy("lazy", "max_prob", threshold, max_pending=4)
+    tokens, exits, caches, lazy, next_position = generate(
+        adapter, prompt, 16, policy, return_state=True
+    )
+    next_position = int(next_position)
+    filled = np.asarray(lazy[1])
+    assert filled[0] == next_position  # the first layer always runs
+    assert (filled[1:] <= next_position).all() and (next_position - filled <= 3).all()
+    sequence = np.concatenate([prompt, np.asarray(tokens)], axis=1)
+    _, exact = prefill(adapter, sequence, adapter.empty_caches(2))
+    # Before the flush: every position a layer claims as filled is exact.
+    for layer, cache in enumerate(caches):
+        upto = filled[layer]
+        np.testing.assert_allclose(
+            np.asarray(cache)[:, :, :upto], np.asarray(exact[layer])[:, :, :upto], atol=1e-5
+        )
+    caches, lazy = flush_lazy(adapter, policy, caches, lazy, next_position)
+    assert (np.asarray(lazy[1]) == next_position).all()
+    for layer, cache in enumerate(caches):
+        np.testing.assert_allclose(
+            np.asarray(cache)[:, :, :next_position],
+            np.asarray(exact[layer])[:, :, :next_position],
+            atol=1e-5,
+        )
+
+
+def test_lazy_defers_work_when_tokens_exit():
+    adapter = DecoderAdapter.from_gpt(_model())
+    policy = ExitPolicy("lazy", "max_prob", 0.0, max_pending=5)
+    _, exits, _, lazy, next_position = generate(
+        adapter, TOKENS[:, :3], 7, policy, return_state=True
+    )
+    assert (np.asarray(exits)[:, 1:] == 1).all()  # all exit at layer 1 after the prefill token
+    filled = np.asarray(lazy[1])
+    assert filled[0] == int(next_position) and (filled[1:] < int(next_position)).all()
+
+
+def test_compiled_lazy_equals_eager():
+    adapter = DecoderAdapter.from_gpt(_model())
+    prompt = TOKENS[:, :4]
+    policy = ExitPolicy("lazy", "margin", 0.02, max_pending=3)
+    eager = generate(adapter, prompt, 10, policy)
+    compiled = compiled_generate(adapter, 10, policy)(prompt)
+    for a, b in zip(eager, compiled):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

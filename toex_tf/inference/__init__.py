@@ -5,8 +5,17 @@ from toex_tf.inference.decoding import (
     DecoderAdapter,
     ExitPolicy,
     decode_step,
+    flush_lazy,
     generate,
     prefill,
 )
 
-__all__ = ["DECODE_MODES", "DecoderAdapter", "ExitPolicy", "decode_step", "generate", "prefill"]
+__all__ = [
+    "DECODE_MODES",
+    "DecoderAdapter",
+    "ExitPolicy",
+    "decode_step",
+    "flush_lazy",
+    "generate",
+    "prefill",
+]

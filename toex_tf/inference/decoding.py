@@ -18,6 +18,9 @@ Modes (DESIGN.md §3):
               (one `ops.cond` per segment); their K/V at this position are projected from
               the exit hidden state (CALM state propagation), so later tokens still find
               keys there. Not exact.
+    lazy      skipped layers are deferred: the next token that goes deep first computes
+              them for every pending position in one windowed pass (FREE, EE-LLM), so the
+              caches stay exact and the tokens are exactly `unfrozen`'s.
 
 Batch policy: a segment is skipped only when every row has exited; a row that exited
 earlier keeps its early prediction but its state keeps going (exact K/V for it).
@@ -31,7 +34,7 @@ from keras import ops
 from toex_tf.layers.causal_self_attention import write_kv_cache
 from toex_tf.layers.top_k_confidence_gate import CRITERIA, TopKConfidenceGate, validate_threshold
 
-DECODE_MODES = ("full", "unfrozen", "frozen")
+DECODE_MODES = ("full", "unfrozen", "frozen", "lazy")
 SAMPLING = ("greedy", "sample")
 
 
@@ -44,11 +47,14 @@ class ExitPolicy:
         criterion: one of `max_prob`, `margin`, `entropy`.
         threshold: float in [0, 1]; a row exits when its confidence is above it
             (1.0 never exits).
+        max_pending: lazy mode: the catch-up window. At most `max_pending - 1` tokens
+            wait for a layer; then the next token goes deep and computes them all.
     """
 
     mode: str = "full"
     criterion: str = "max_prob"
     threshold: float = 1.0
+    max_pending: int = 8
 
     def __post_init__(self):
         if self.mode not in DECODE_MODES:
@@ -56,6 +62,12 @@ class ExitPolicy:
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}; got {self.criterion!r}.")
         validate_threshold(self.threshold)
+        if (
+            isinstance(self.max_pending, bool)
+            or not isinstance(self.max_pending, int)
+            or (self.max_pending < 2)
+        ):
+            raise ValueError(f"max_pending must be an int >= 2; got {self.max_pending!r}.")
 
 
 class DecoderAdapter:
@@ -94,9 +106,16 @@ class DecoderAdapter:
     def num_layers(self) -> int:
         return len(self.blocks)
 
-    def empty_caches(self, batch_size: int, dtype="float32") -> list:
-        shape = (batch_size, 2, self.max_length, self.kv_heads, self.head_dim)
+    def empty_caches(self, batch_size: int, extra: int = 0, dtype="float32") -> list:
+        """Zero caches of `max_length + extra` positions (lazy mode needs a window's slack)."""
+        shape = (batch_size, 2, self.max_length + extra, self.kv_heads, self.head_dim)
         return [ops.zeros(shape, dtype) for _ in self.blocks]
+
+    def empty_lazy_state(self, batch_size: int, prompt_length, extra: int, hidden_dim: int):
+        """Lazy mode: per-position hidden states and per-layer fill pointers after prefill."""
+        states = ops.zeros((batch_size, self.max_length + extra, hidden_dim))
+        filled = ops.full((self.num_layers,), prompt_length, "int32")
+        return states, filled
 
 
 def prefill(adapter: DecoderAdapter, prompt, caches):
@@ -134,7 +153,46 @@ def _propagate_kv(adapter, layers, hidden, caches, position):
     return caches
 
 
-def decode_step(adapter: DecoderAdapter, policy: ExitPolicy, token_ids, position, caches):
+def _lazy_chunk(adapter, layers, caches, lazy, position, width):
+    """Lazy mode: runs `layers` over the pending positions plus `position`, in one pass.
+
+    Pending positions at a layer always form the run `[filled[l], position)`, so one
+    static window of `width` positions from `filled[l]` covers them (the engine never
+    lets more than `width - 1` pile up). Window slots past `position` compute garbage
+    into cache slots that causal masking hides and later writes overwrite.
+    """
+    states, filled = lazy
+    caches = list(caches)
+    batch, hidden_dim = ops.shape(states)[0], ops.shape(states)[2]
+    zero = ops.zeros((), "int32")
+    for index in layers:
+        start = filled[index]
+        window = ops.slice(states, (zero, start, zero), (batch, width, hidden_dim))
+        window, caches[index] = adapter.blocks[index].block(
+            window, cache=caches[index], cache_update_index=start
+        )
+        states = ops.slice_update(states, (zero, start, zero), window)
+    filled = _mark_filled(filled, layers, position)
+    hidden = ops.slice(states, (zero, position, zero), (batch, 1, hidden_dim))
+    return hidden, caches, (states, filled)
+
+
+def _mark_filled(filled, layers, position):
+    in_segment = ops.logical_and(
+        ops.arange(ops.shape(filled)[0]) >= layers[0],
+        ops.arange(ops.shape(filled)[0]) <= layers[-1],
+    )
+    return ops.where(in_segment, ops.cast(position, "int32") + 1, filled)
+
+
+def _write_state(lazy, hidden, position):
+    states, filled = lazy
+    zero = ops.zeros((), "int32")
+    states = ops.slice_update(states, (zero, ops.cast(position, "int32"), zero), hidden)
+    return states, filled
+
+
+def decode_step(adapter: DecoderAdapter, policy: ExitPolicy, token_ids, position, caches, lazy=()):
     """One token per row through the layers, with exits.
 
     Args:
@@ -142,35 +200,63 @@ def decode_step(adapter: DecoderAdapter, policy: ExitPolicy, token_ids, position
         policy: mode, criterion and threshold.
         token_ids: int `(batch, 1)`, the tokens at `position`.
         position: scalar, their absolute position.
-        caches: one KV cache per layer.
+        caches: one KV cache per layer (`max_length + policy.max_pending` long in lazy
+            mode, see `empty_state`).
+        lazy: lazy mode only: `(states, filled)`, each position's latest hidden state
+            `(batch, max_length + max_pending, hidden)` and per-layer fill pointers
+            `(layers,)`.
 
     Returns:
-        `(logits (batch, vocab), exit_layer (batch,) int32, caches)`: the logits of the
-        exit each row took and its 1-based layer.
+        `(logits (batch, vocab), exit_layer (batch,) int32, caches, lazy)`: the logits of
+        the exit each row took, its 1-based layer, and the updated state.
     """
     gate = TopKConfidenceGate(criterion=policy.criterion)
     hidden = adapter.embed(token_ids, position)
     batch = ops.shape(hidden)[0]
     num_layers = adapter.num_layers
+    mode = policy.mode
+    width = policy.max_pending
     decided = ops.zeros((batch,), "bool")
     exit_layer = ops.full((batch,), num_layers, "int32")
     chosen = ops.zeros_like(hidden)  # normed hidden state of the exit each row took
-    caches = list(caches)
+    force = ops.zeros((), "bool")
+    if mode == "lazy":
+        lazy = _write_state(lazy, hidden, position)
+        # Skipping now would leave `width` tokens pending at the deepest layer: go deep.
+        force = ops.greater_equal(ops.cast(position, "int32") + 1 - lazy[1][-1], width)
+    state = (hidden, list(caches), decided, exit_layer, chosen, lazy)
     start = 0
     for segment, end in enumerate(adapter.exit_layers):
         layers = list(range(start, end))
         block = adapter.blocks[end - 1]
 
-        def compute(
-            hidden, caches, decided, exit_layer, chosen, layers=layers, block=block, end=end
-        ):
-            hidden, caches = _run_layers(adapter, layers, hidden, caches, position)
+        def compute(state, segment=segment, layers=layers, block=block, end=end):
+            hidden, caches, decided, exit_layer, chosen, lazy = state
+            if mode == "lazy" and segment > 0:
+                pending = ops.cast(position, "int32") - lazy[1][layers[0]]
+
+                def one_token(hidden=hidden, caches=caches, lazy=lazy):
+                    hidden, caches = _run_layers(adapter, layers, hidden, caches, position)
+                    lazy = _write_state(lazy, hidden, position)
+                    return hidden, caches, (lazy[0], _mark_filled(lazy[1], layers, position))
+
+                hidden, caches, lazy = ops.cond(
+                    ops.equal(pending, 0),
+                    one_token,
+                    lambda: _lazy_chunk(adapter, layers, caches, lazy, position, width),
+                )
+            else:
+                hidden, caches = _run_layers(adapter, layers, hidden, caches, position)
+                if mode == "lazy":
+                    lazy = _write_state(lazy, hidden, position)
+                    lazy = (lazy[0], _mark_filled(lazy[1], layers, position))
+            caches = list(caches)
             normed = block.exit_norm(hidden)
             if end == num_layers:
                 chosen = ops.where(decided[:, None, None], chosen, normed)
-                return hidden, caches, decided, exit_layer, chosen
-            if policy.mode == "full":
-                return hidden, caches, decided, exit_layer, chosen
+                return hidden, caches, decided, exit_layer, chosen, lazy
+            if mode == "full":
+                return hidden, caches, decided, exit_layer, chosen, lazy
             cheap = block.output_embedding(normed, mode="cheap_logits")
             confidence = gate.confidence(cheap)[:, 0]
             newly = ops.logical_and(
@@ -178,27 +264,40 @@ def decode_step(adapter: DecoderAdapter, policy: ExitPolicy, token_ids, position
             )
             chosen = ops.where(newly[:, None, None], normed, chosen)
             exit_layer = ops.where(newly, end, exit_layer)
-            return hidden, caches, ops.logical_or(decided, newly), exit_layer, chosen
+            return hidden, caches, ops.logical_or(decided, newly), exit_layer, chosen, lazy
 
-        state = (hidden, caches, decided, exit_layer, chosen)
-        if policy.mode == "frozen" and segment > 0:
-
-            def skip(hidden, caches, decided, exit_layer, chosen, layers=layers):
+        def skip(state, layers=layers):
+            hidden, caches, decided, exit_layer, chosen, lazy = state
+            if mode == "frozen":
                 caches = _propagate_kv(adapter, layers, hidden, caches, position)
-                return hidden, caches, decided, exit_layer, chosen
+            return hidden, list(caches), decided, exit_layer, chosen, lazy
 
+        if segment > 0 and mode in ("frozen", "lazy"):
+            can_skip = ops.logical_and(ops.all(state[2]), ops.logical_not(force))
             state = ops.cond(
-                ops.all(decided),
-                lambda state=state, skip=skip: skip(*state),
-                lambda state=state, compute=compute: compute(*state),
+                can_skip,
+                lambda state=state, skip=skip: skip(state),
+                lambda state=state, compute=compute: compute(state),
             )
         else:
-            state = compute(*state)
-        hidden, caches, decided, exit_layer, chosen = state
-        caches = list(caches)
+            state = compute(state)
+        state = (state[0], list(state[1]), *state[2:])
         start = end
+    hidden, caches, decided, exit_layer, chosen, lazy = state
     logits = adapter.output_embedding(chosen, mode="logits")
-    return logits[:, 0], exit_layer, caches
+    return logits[:, 0], exit_layer, caches, lazy
+
+
+def flush_lazy(adapter: DecoderAdapter, policy: ExitPolicy, caches, lazy, next_position):
+    """Lazy mode: computes every pending position (below `next_position`) at every layer.
+
+    After it, each layer's cache at positions `< next_position` is exact.
+    """
+    caches = list(caches)
+    position = ops.cast(next_position, "int32") - 1
+    for index in range(adapter.num_layers):
+        _, caches, lazy = _lazy_chunk(adapter, [index], caches, lazy, position, policy.max_pending)
+    return caches, lazy
 
 
 def sample_next(logits, sampling="greedy", temperature=1.0, top_k=0, top_p=1.0, seed=None):
@@ -264,6 +363,7 @@ def generate(
     top_p: float = 1.0,
     stop_token_ids=(),
     seed: int = 0,
+    return_state: bool = False,
 ):
     """Generates up to `max_new_tokens` per row with one compiled-friendly loop.
 
@@ -279,6 +379,8 @@ def generate(
         stop_token_ids: rows stop after emitting one of these; later slots hold the
             first stop id.
         seed: int, sampling seed.
+        return_state: also return `(caches, lazy_state, next_position)` (tests, and
+            `flush_lazy`).
 
     Returns:
         `(token_ids (batch, max_new_tokens), exit_layers (batch, max_new_tokens))`;
@@ -288,8 +390,13 @@ def generate(
     _validate(adapter, prompt, max_new_tokens, sampling, temperature, top_k, top_p)
     prompt = ops.cast(ops.convert_to_tensor(prompt), "int32")
     batch, prompt_length = ops.shape(prompt)[0], ops.shape(prompt)[1]
-    caches = adapter.empty_caches(batch)
+    extra = policy.max_pending if policy.mode == "lazy" else 0
+    caches = adapter.empty_caches(batch, extra)
     logits, caches = prefill(adapter, prompt, caches)
+    lazy = ()
+    if policy.mode == "lazy":
+        hidden_dim = adapter.output_embedding.hidden_dim
+        lazy = adapter.empty_lazy_state(batch, prompt_length, extra, hidden_dim)
     stop_ids = ops.convert_to_tensor(list(stop_token_ids) or [-1], "int32")
     fill = stop_ids[0] if stop_token_ids else ops.zeros((), "int32")
     tokens = ops.zeros((batch, max_new_tokens), "int32")
@@ -297,10 +404,10 @@ def generate(
     finished = ops.zeros((batch,), "bool")
     last_exit = ops.full((batch,), adapter.num_layers, "int32")
 
-    def condition(step, tokens, exits, finished, logits, last_exit, caches):
+    def condition(step, tokens, exits, finished, logits, last_exit, caches, lazy):
         return ops.logical_and(step < max_new_tokens, ops.logical_not(ops.all(finished)))
 
-    def body(step, tokens, exits, finished, logits, last_exit, caches):
+    def body(step, tokens, exits, finished, logits, last_exit, caches, lazy):
         step_seed = ops.stack([ops.cast(seed, "int32"), ops.cast(step, "int32")])
         next_ids = sample_next(logits, sampling, temperature, top_k, top_p, seed=step_seed)
         next_ids = ops.where(finished, fill, next_ids)
@@ -309,13 +416,24 @@ def generate(
         exits = exits * (1 - column) + ops.where(finished, 0, last_exit)[:, None] * column
         stopped = ops.any(ops.equal(next_ids[:, None], stop_ids[None, :]), axis=-1)
         finished = ops.logical_or(finished, stopped)
-        logits, last_exit, caches = decode_step(
-            adapter, policy, next_ids[:, None], prompt_length + step, caches
+        logits, last_exit, caches, lazy = decode_step(
+            adapter, policy, next_ids[:, None], prompt_length + step, caches, lazy
         )
-        return step + 1, tokens, exits, finished, logits, last_exit, tuple(caches)
+        return step + 1, tokens, exits, finished, logits, last_exit, tuple(caches), lazy
 
-    state = (ops.zeros((), "int32"), tokens, exits, finished, logits, last_exit, tuple(caches))
+    state = (
+        ops.zeros((), "int32"),
+        tokens,
+        exits,
+        finished,
+        logits,
+        last_exit,
+        tuple(caches),
+        lazy,
+    )
     state = ops.while_loop(condition, body, state)
+    if return_state:
+        return state[1], state[2], list(state[6]), state[7], prompt_length + state[0]
     return state[1], state[2]
 
 
