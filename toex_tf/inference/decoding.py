@@ -207,8 +207,9 @@ def decode_step(adapter: DecoderAdapter, policy: ExitPolicy, token_ids, position
             `(layers,)`.
 
     Returns:
-        `(logits (batch, vocab), exit_layer (batch,) int32, caches, lazy)`: the logits of
-        the exit each row took, its 1-based layer, and the updated state.
+        `(logits (batch, vocab), exit_layer (batch,) int32, caches, lazy, depth)`: the
+        logits of the exit each row took, its 1-based layer, the updated state, and how
+        many layers this step ran (a lazy catch-up window counts as one pass per layer).
     """
     gate = TopKConfidenceGate(criterion=policy.criterion)
     hidden = adapter.embed(token_ids, position)
@@ -285,7 +286,12 @@ def decode_step(adapter: DecoderAdapter, policy: ExitPolicy, token_ids, position
         start = end
     hidden, caches, decided, exit_layer, chosen, lazy = state
     logits = adapter.output_embedding(chosen, mode="logits")
-    return logits[:, 0], exit_layer, caches, lazy
+    # Layers this step ran: skipping starts once the last row has exited (batch policy),
+    # unless lazy mode had to go deep to bound the pending work.
+    depth = ops.full((), num_layers, "int32")
+    if mode in ("frozen", "lazy"):
+        depth = ops.where(force, depth, ops.max(exit_layer))
+    return logits[:, 0], exit_layer, caches, lazy, depth
 
 
 def flush_lazy(adapter: DecoderAdapter, policy: ExitPolicy, caches, lazy, next_position):
@@ -379,8 +385,8 @@ def generate(
         stop_token_ids: rows stop after emitting one of these; later slots hold the
             first stop id.
         seed: int, sampling seed.
-        return_state: also return `(caches, lazy_state, next_position)` (tests, and
-            `flush_lazy`).
+        return_state: also return a dict with `caches`, `lazy` (state), `next_position`,
+            `steps` and `layers_run` (layers summed over the decode steps).
 
     Returns:
         `(token_ids (batch, max_new_tokens), exit_layers (batch, max_new_tokens))`;
@@ -404,10 +410,10 @@ def generate(
     finished = ops.zeros((batch,), "bool")
     last_exit = ops.full((batch,), adapter.num_layers, "int32")
 
-    def condition(step, tokens, exits, finished, logits, last_exit, caches, lazy):
+    def condition(step, tokens, exits, finished, logits, last_exit, caches, lazy, layers_run):
         return ops.logical_and(step < max_new_tokens, ops.logical_not(ops.all(finished)))
 
-    def body(step, tokens, exits, finished, logits, last_exit, caches, lazy):
+    def body(step, tokens, exits, finished, logits, last_exit, caches, lazy, layers_run):
         step_seed = ops.stack([ops.cast(seed, "int32"), ops.cast(step, "int32")])
         next_ids = sample_next(logits, sampling, temperature, top_k, top_p, seed=step_seed)
         next_ids = ops.where(finished, fill, next_ids)
@@ -416,24 +422,34 @@ def generate(
         exits = exits * (1 - column) + ops.where(finished, 0, last_exit)[:, None] * column
         stopped = ops.any(ops.equal(next_ids[:, None], stop_ids[None, :]), axis=-1)
         finished = ops.logical_or(finished, stopped)
-        logits, last_exit, caches, lazy = decode_step(
+        logits, last_exit, caches, lazy, depth = decode_step(
             adapter, policy, next_ids[:, None], prompt_length + step, caches, lazy
         )
-        return step + 1, tokens, exits, finished, logits, last_exit, tuple(caches), lazy
+        layers_run = layers_run + depth
+        return (
+            step + 1,
+            tokens,
+            exits,
+            finished,
+            logits,
+            last_exit,
+            tuple(caches),
+            lazy,
+            layers_run,
+        )
 
-    state = (
-        ops.zeros((), "int32"),
-        tokens,
-        exits,
-        finished,
-        logits,
-        last_exit,
-        tuple(caches),
-        lazy,
-    )
+    zero = ops.zeros((), "int32")
+    state = (zero, tokens, exits, finished, logits, last_exit, tuple(caches), lazy, zero)
     state = ops.while_loop(condition, body, state)
     if return_state:
-        return state[1], state[2], list(state[6]), state[7], prompt_length + state[0]
+        extras = {
+            "caches": list(state[6]),
+            "lazy": state[7],
+            "next_position": prompt_length + state[0],
+            "steps": state[0],
+            "layers_run": state[8],
+        }
+        return state[1], state[2], extras
     return state[1], state[2]
 
 
