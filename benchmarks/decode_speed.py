@@ -1,0 +1,178 @@
+"""Decode speed of the early-exit modes against full depth, measured side by side.
+
+One row per (mode, criterion, threshold, batch size): tokens/s, the full-depth tokens/s
+measured in the same run, measured speedup, ideal speedup (counted compute: full depth
+over what the mode ran, overhead of exit checks and frozen K/V projections included, a
+lazy catch-up window counted as one pass per layer), realized/ideal and average layers.
+
+    python benchmarks/decode_speed.py --model_dir=runs/quickstart \
+        --out=benchmarks/results/decode_speed_cpu.json
+
+Runs on TensorFlow (the loop in one `tf.function`) and on JAX (`KERAS_BACKEND=jax`, the
+loop under `jax.jit`). Without `--model_dir` it times a random `quickstart`-size model,
+whose exit decisions mean nothing: use a trained model for figures.
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import keras
+import numpy as np
+
+from toex_tf.analysis.flops import CostModel
+from toex_tf.inference import DecoderAdapter, ExitPolicy, generate
+from toex_tf.models import build_gpt
+
+
+def _device() -> str:
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return str(jax.devices()[0].device_kind)
+    return f"{platform.machine()} CPU x{os.cpu_count()}"
+
+
+def _compile(adapter, new_tokens, policy):
+    if keras.backend.backend() == "jax":
+        import jax
+
+        run = jax.jit(lambda p: generate(adapter, p, new_tokens, policy, return_state=True))
+        return lambda prompt: jax.block_until_ready(run(prompt))
+    import tensorflow as tf
+
+    run = tf.function(lambda p: generate(adapter, p, new_tokens, policy, return_state=True))
+    return lambda prompt: keras.tree.map_structure(np.asarray, run(prompt))
+
+
+def _prompts(model_dir, batch, length, vocab):
+    if model_dir and os.path.exists(os.path.join(model_dir, "tokenizer", "tokenizer.json")):
+        from toex_tf.data import (
+            builtin_corpus,
+            encode_documents,
+            load_tokenizer,
+            split_documents,
+        )
+
+        tokenizer = load_tokenizer(os.path.join(model_dir, "tokenizer"))
+        _, held_out = split_documents(builtin_corpus(), 0.1, seed=0)
+        stream = encode_documents(held_out, tokenizer)
+        starts = np.linspace(0, len(stream) - length - 1, batch).astype(int)
+        return np.stack([stream[s : s + length] for s in starts]).astype("int32")
+    return np.random.default_rng(0).integers(0, vocab, (batch, length)).astype("int32")
+
+
+def _time(run, prompt, repeats):
+    run(prompt)  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = run(prompt)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), out
+
+
+def _mode_cost(cost, exit_layers, policy, avg_layers, kv_fraction):
+    num_layers = cost.num_layers
+    checked = [e for e in exit_layers if e < num_layers]
+    if policy.mode == "full":
+        checks = 0.0
+    elif policy.mode == "unfrozen":
+        checks = float(len(checked))
+    else:
+        checks = float(sum(e <= avg_layers for e in checked))
+    skipped = num_layers - avg_layers
+    kv = skipped * kv_fraction * cost.layer_macs if policy.mode == "frozen" else 0.0
+    return avg_layers * cost.layer_macs + checks * cost.check_macs + cost.full_head_macs + kv
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model_dir", default=None)
+    parser.add_argument("--modes", default="unfrozen,frozen,lazy")
+    parser.add_argument("--criterion", default="max_prob")
+    parser.add_argument("--thresholds", default="0.1,0.2,0.3")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--prompt_length", type=int, default=32)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--max_pending", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="decode_speed.json")
+    args = parser.parse_args()
+
+    if args.model_dir:
+        import toex_tf.models  # noqa: F401 - registers the classes
+
+        model = keras.saving.load_model(os.path.join(args.model_dir, "model.keras"))
+    else:
+        model = build_gpt("quickstart")
+    adapter = DecoderAdapter.from_gpt(model)
+    config = model.gpt_config
+    context = args.prompt_length + args.new_tokens / 2
+    cost = CostModel.for_gpt(model, context_length=context)
+    d = config.hidden_dim
+    kv_fraction = (2 * d * d) / cost.layer_macs  # K and V projections of one layer
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        prompt = _prompts(args.model_dir, batch, args.prompt_length, config.vocab_size)
+        full_policy = ExitPolicy("full")
+        full_time, _ = _time(_compile(adapter, args.new_tokens, full_policy), prompt, args.repeats)
+        full_tps = batch * args.new_tokens / full_time
+        settings = [(full_policy, None)] + [
+            (ExitPolicy(mode, args.criterion, float(t), max_pending=args.max_pending), t)
+            for mode in args.modes.split(",")
+            for t in args.thresholds.split(",")
+        ]
+        for policy, threshold in settings:
+            if policy.mode == "full":
+                seconds, out = full_time, None
+            else:
+                seconds, out = _time(
+                    _compile(adapter, args.new_tokens, policy), prompt, args.repeats
+                )
+            if out is None:
+                avg_layers = float(config.num_layers)
+            else:
+                avg_layers = float(out[2]["layers_run"]) / float(out[2]["steps"])
+            ideal = cost.full_depth_macs / _mode_cost(
+                cost, model.exit_layers, policy, avg_layers, kv_fraction
+            )
+            tps = batch * args.new_tokens / seconds
+            row = {
+                "mode": policy.mode,
+                "criterion": None if policy.mode == "full" else policy.criterion,
+                "threshold": None if threshold is None else float(threshold),
+                "batch": batch,
+                "tokens_per_s": tps,
+                "full_tokens_per_s": full_tps,
+                "measured_speedup": tps / full_tps,
+                "ideal_speedup": ideal,
+                "realized_over_ideal": (tps / full_tps) / ideal,
+                "avg_layers": avg_layers,
+                "backend": keras.backend.backend(),
+                "device": _device(),
+            }
+            rows.append(row)
+            print(
+                f"{row['mode']:<9}{str(row['threshold']):>6} b={batch} "
+                f"{tps:8.1f} tok/s  x{row['measured_speedup']:.2f} (ideal x{ideal:.2f}, "
+                f"layers {avg_layers:.2f})",
+                flush=True,
+            )
+    result = {
+        "model": {**config.to_dict(), "parameters": model.count_params()},
+        "prompt_length": args.prompt_length,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "rows": rows,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"Wrote {args.out}.")
+
+
+if __name__ == "__main__":
+    main()
