@@ -9,8 +9,9 @@ lazy catch-up window counted as one pass per layer), realized/ideal and average 
         --out=benchmarks/results/decode_speed_cpu.json
 
 Runs on TensorFlow (the loop in one `tf.function`) and on JAX (`KERAS_BACKEND=jax`, the
-loop under `jax.jit`). Without `--model_dir` it times a random `quickstart`-size model,
-whose exit decisions mean nothing: use a trained model for figures.
+loop under `jax.jit`). Without `--model_dir` it times a random `--preset` model, whose
+exit decisions mean nothing; thresholds 0.0 (every token leaves at the first exit) and
+1.0 (none leaves: pure overhead) still bound what the modes can gain.
 """
 
 import argparse
@@ -91,6 +92,7 @@ def _mode_cost(cost, exit_layers, policy, avg_layers, kv_fraction):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model_dir", default=None)
+    parser.add_argument("--preset", default="quickstart", help="random model without model_dir")
     parser.add_argument("--modes", default="unfrozen,frozen,lazy")
     parser.add_argument("--criterion", default="max_prob")
     parser.add_argument("--thresholds", default="0.1,0.2,0.3")
@@ -98,6 +100,7 @@ def main():
     parser.add_argument("--prompt_length", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--max_pending", type=int, default=8)
+    parser.add_argument("--decision_layers", default="", help="e.g. 2,4; default: every exit")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="decode_speed.json")
     args = parser.parse_args()
@@ -107,13 +110,17 @@ def main():
 
         model = keras.saving.load_model(os.path.join(args.model_dir, "model.keras"))
     else:
-        model = build_gpt("quickstart")
+        model = build_gpt(args.preset)
     adapter = DecoderAdapter.from_gpt(model)
     config = model.gpt_config
     context = args.prompt_length + args.new_tokens / 2
     cost = CostModel.for_gpt(model, context_length=context)
     d = config.hidden_dim
     kv_fraction = (2 * d * d) / cost.layer_macs  # K and V projections of one layer
+    decisions = None
+    if args.decision_layers:
+        decisions = tuple(int(x) for x in args.decision_layers.split(","))
+    exit_layers = adapter.decision_layers(ExitPolicy(decision_layers=decisions))
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         prompt = _prompts(args.model_dir, batch, args.prompt_length, config.vocab_size)
@@ -121,7 +128,16 @@ def main():
         full_time, _ = _time(_compile(adapter, args.new_tokens, full_policy), prompt, args.repeats)
         full_tps = batch * args.new_tokens / full_time
         settings = [(full_policy, None)] + [
-            (ExitPolicy(mode, args.criterion, float(t), max_pending=args.max_pending), t)
+            (
+                ExitPolicy(
+                    mode,
+                    args.criterion,
+                    float(t),
+                    max_pending=args.max_pending,
+                    decision_layers=decisions,
+                ),
+                t,
+            )
             for mode in args.modes.split(",")
             for t in args.thresholds.split(",")
         ]
@@ -137,7 +153,7 @@ def main():
             else:
                 avg_layers = float(out[2]["layers_run"]) / float(out[2]["steps"])
             ideal = cost.full_depth_macs / _mode_cost(
-                cost, model.exit_layers, policy, avg_layers, kv_fraction
+                cost, exit_layers, policy, avg_layers, kv_fraction
             )
             tps = batch * args.new_tokens / seconds
             row = {
@@ -166,6 +182,7 @@ def main():
         "prompt_length": args.prompt_length,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
+        "decision_layers": list(exit_layers),
         "rows": rows,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

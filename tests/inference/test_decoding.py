@@ -280,3 +280,18 @@ def test_compiled_lazy_equals_eager():
     compiled = compiled_generate(adapter, 10, policy)(prompt)
     for a, b in zip(eager, compiled):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_decision_layers_limit_where_a_step_can_exit():
+    adapter = DecoderAdapter.from_gpt(_model())
+    policy = ExitPolicy("lazy", "max_prob", 0.0, decision_layers=(2,))
+    _, exits = generate(adapter, TOKENS[:, :3], 6, policy)
+    assert set(np.asarray(exits)[:, 1:].ravel()) == {2}
+    reference, _ = generate(
+        adapter, TOKENS[:, :3], 6, ExitPolicy("unfrozen", "max_prob", 0.0, decision_layers=(2,))
+    )
+    np.testing.assert_array_equal(
+        np.asarray(generate(adapter, TOKENS[:, :3], 6, policy)[0]), np.asarray(reference)
+    )
+    with pytest.raises(ValueError, match="decision_layers"):
+        generate(adapter, TOKENS[:, :3], 4, ExitPolicy("frozen", decision_layers=(7,)))

@@ -49,12 +49,16 @@ class ExitPolicy:
             (1.0 never exits).
         max_pending: lazy mode: the catch-up window. At most `max_pending - 1` tokens
             wait for a layer; then the next token goes deep and computes them all.
+        decision_layers: exits (1-based layers) where the step may decide; None: every
+            exit of the model. Each decision is one data-dependent branch, which costs
+            about a small layer on a GPU (DESIGN.md §4), so decide at a few exits there.
     """
 
     mode: str = "full"
     criterion: str = "max_prob"
     threshold: float = 1.0
     max_pending: int = 8
+    decision_layers: tuple | None = None
 
     def __post_init__(self):
         if self.mode not in DECODE_MODES:
@@ -105,6 +109,18 @@ class DecoderAdapter:
     @property
     def num_layers(self) -> int:
         return len(self.blocks)
+
+    def decision_layers(self, policy: ExitPolicy) -> tuple:
+        """The segment ends of a step: the policy's decision exits plus the final layer."""
+        if policy.decision_layers is None:
+            return self.exit_layers
+        missing = sorted(set(policy.decision_layers) - set(self.exit_layers))
+        if missing:
+            raise ValueError(
+                f"decision_layers {missing} carry no exit head; the model's exits are "
+                f"{list(self.exit_layers)}."
+            )
+        return tuple(sorted(set(policy.decision_layers) | {self.num_layers}))
 
     def empty_caches(self, batch_size: int, extra: int = 0, dtype="float32") -> list:
         """Zero caches of `max_length + extra` positions (lazy mode needs a window's slack)."""
@@ -227,7 +243,7 @@ def decode_step(adapter: DecoderAdapter, policy: ExitPolicy, token_ids, position
         force = ops.greater_equal(ops.cast(position, "int32") + 1 - lazy[1][-1], width)
     state = (hidden, list(caches), decided, exit_layer, chosen, lazy)
     start = 0
-    for segment, end in enumerate(adapter.exit_layers):
+    for segment, end in enumerate(adapter.decision_layers(policy)):
         layers = list(range(start, end))
         block = adapter.blocks[end - 1]
 
