@@ -197,9 +197,9 @@ def test_sampling_follows_the_distribution():
     np.testing.assert_allclose(np.bincount(draws, minlength=3) / 3000, [0.6, 0.3, 0.1], atol=0.03)
 
 
-def _peaky_adapter():
+def _peaky_adapter(max_length=32):
     """A random model with sharp distributions, so exit confidences spread out."""
-    model = _model()
+    model = _model(max_length=max_length)
     embeddings = model.token_embedding.embeddings
     embeddings.assign(np.asarray(embeddings) * 30.0)
     return DecoderAdapter.from_gpt(model)
@@ -295,3 +295,41 @@ def test_decision_layers_limit_where_a_step_can_exit():
     )
     with pytest.raises(ValueError, match="decision_layers"):
         generate(adapter, TOKENS[:, :3], 4, ExitPolicy("frozen", decision_layers=(7,)))
+
+
+@pytest.mark.parametrize(
+    "draft_layer, draft_length, peaky", [(1, 3, False), (2, 4, True), (3, 2, True)]
+)
+def test_speculative_greedy_equals_full_greedy_for_64_tokens(draft_layer, draft_length, peaky):
+    from toex_tf.inference.speculative import generate_speculative
+
+    adapter = _peaky_adapter(96) if peaky else DecoderAdapter.from_gpt(_model(max_length=96))
+    for prompt in (TOKENS[:, :4], TOKENS[:1, :9]):
+        reference, _ = generate(adapter, prompt, 64)
+        tokens, exits, state = generate_speculative(
+            adapter, prompt, 64, draft_layer, draft_length, return_state=True
+        )
+        np.testing.assert_array_equal(np.asarray(tokens), np.asarray(reference))
+        exits = np.asarray(exits)
+        assert set(np.unique(exits)) <= {draft_layer, 4}
+        # Drafts were kept (the speed-up mechanism works), and every token reported as
+        # drafted is one of the accepted drafts.
+        drafted = (exits == draft_layer).sum(axis=1)
+        assert (drafted > 0).all() and (drafted <= int(state["accepted"])).all()
+
+
+def test_speculative_compiles_and_rejects_bad_settings():
+    import tensorflow as tf
+
+    from toex_tf.inference.speculative import generate_speculative
+
+    adapter = DecoderAdapter.from_gpt(_model())
+    prompt = TOKENS[:, :4]
+    eager = generate_speculative(adapter, prompt, 12, 2, 3)
+    compiled = tf.function(lambda p: generate_speculative(adapter, p, 12, 2, 3))(prompt)
+    for a, b in zip(eager, compiled):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="draft_layer"):
+        generate_speculative(adapter, prompt, 4, draft_layer=4)
+    with pytest.raises(ValueError, match="draft_length"):
+        generate_speculative(adapter, prompt, 4, draft_layer=2, draft_length=0)

@@ -9,6 +9,7 @@ from toex_tf.inference.decoding import (
     generate,
     prefill,
 )
+from toex_tf.inference.speculative import generate_speculative
 
 __all__ = [
     "DECODE_MODES",
@@ -17,5 +18,6 @@ __all__ = [
     "decode_step",
     "flush_lazy",
     "generate",
+    "generate_speculative",
     "prefill",
 ]
