@@ -24,7 +24,7 @@ import keras
 import numpy as np
 
 from toex_tf.analysis.flops import CostModel
-from toex_tf.inference import DecoderAdapter, ExitPolicy, generate
+from toex_tf.inference import DecoderAdapter, ExitPolicy, generate, generate_speculative
 from toex_tf.models import build_gpt
 
 
@@ -45,6 +45,23 @@ def _compile(adapter, new_tokens, policy):
     import tensorflow as tf
 
     run = tf.function(lambda p: generate(adapter, p, new_tokens, policy, return_state=True))
+    return lambda prompt: keras.tree.map_structure(np.asarray, run(prompt))
+
+
+def _compile_speculative(adapter, new_tokens, draft_layer, draft_length):
+    def run_fn(p):
+        return generate_speculative(
+            adapter, p, new_tokens, draft_layer, draft_length, return_state=True
+        )
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        run = jax.jit(run_fn)
+        return lambda prompt: jax.block_until_ready(run(prompt))
+    import tensorflow as tf
+
+    run = tf.function(run_fn)
     return lambda prompt: keras.tree.map_structure(np.asarray, run(prompt))
 
 
@@ -102,6 +119,9 @@ def main():
     parser.add_argument("--max_pending", type=int, default=8)
     parser.add_argument("--decision_layers", default="", help="e.g. 2,4; default: every exit")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--speculative", default="", help="draft_layer:draft_length pairs, e.g. 2:4,3:4"
+    )
     parser.add_argument("--out", default="decode_speed.json")
     args = parser.parse_args()
 
@@ -175,6 +195,42 @@ def main():
                 f"{row['mode']:<9}{str(row['threshold']):>6} b={batch} "
                 f"{tps:8.1f} tok/s  x{row['measured_speedup']:.2f} (ideal x{ideal:.2f}, "
                 f"layers {avg_layers:.2f})",
+                flush=True,
+            )
+        for pair in filter(None, args.speculative.split(",")):
+            draft_layer, draft_length = (int(x) for x in pair.split(":"))
+            run = _compile_speculative(adapter, args.new_tokens, draft_layer, draft_length)
+            seconds, out = _time(run, prompt, args.repeats)
+            rounds = float(out[2]["rounds"])
+            # Sequential layer passes: the draft runs k layers per drafted token, the
+            # verification one windowed pass through the other L - k layers.
+            passes = rounds * (draft_length * draft_layer + config.num_layers - draft_layer)
+            avg_layers = passes / (args.new_tokens - 1)
+            tps = batch * args.new_tokens / seconds
+            ideal = config.num_layers / avg_layers
+            rows.append(
+                {
+                    "mode": "speculative",
+                    "criterion": None,
+                    "threshold": None,
+                    "draft_layer": draft_layer,
+                    "draft_length": draft_length,
+                    "accepted_per_round": float(out[2]["accepted"]) / rounds,
+                    "batch": batch,
+                    "tokens_per_s": tps,
+                    "full_tokens_per_s": full_tps,
+                    "measured_speedup": tps / full_tps,
+                    "ideal_speedup": ideal,
+                    "realized_over_ideal": (tps / full_tps) / ideal,
+                    "avg_layers": avg_layers,
+                    "backend": keras.backend.backend(),
+                    "device": _device(),
+                }
+            )
+            print(
+                f"spec {draft_layer}:{draft_length} b={batch} {tps:8.1f} tok/s  "
+                f"x{tps / full_tps:.2f} (ideal x{ideal:.2f}, layers {avg_layers:.2f}, "
+                f"accepted/round {rows[-1]['accepted_per_round']:.2f})",
                 flush=True,
             )
     result = {
