@@ -83,11 +83,33 @@ def test_train_and_eval_writes_model_results_and_logs(tmp_path):
     log = [json.loads(line) for line in (out / "config_log.jsonl").read_text().splitlines()]
     assert len(log) == 1 and log[0]["results"]["baseline"] == results["baseline"]
 
+    # Generation: text in, text and per-token exit layers out (JSON on stdout and on disk).
+    for mode in ("lazy", "speculative"):
+        generated = _run(
+            *TINY,
+            f"--output_dir={out}",
+            "--mode=generate",
+            "--prompt=the cat",
+            "--max_new_tokens=5",
+            f"--decode_mode={mode}",
+            "--decode_threshold=0.0",
+        )
+        assert generated.returncode == 0, generated.stderr[-3000:]
+        record = json.loads((out / "generate.json").read_text())
+        assert json.loads(generated.stdout[generated.stdout.index("{") :]) == record
+        assert record["settings"]["mode"] == mode and 0 < len(record["tokens"]) <= 5
+        assert all(1 <= t["exit_layer"] <= 2 for t in record["tokens"])
+        assert record["text"] == "".join(t["token"] for t in record["tokens"])
+    for prompt, message in (("", "prompt is empty"), ("x" * 40, "max_length")):
+        bad = _run(*TINY, f"--output_dir={out}", "--mode=generate", f"--prompt={prompt}")
+        assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-2000:]
+        assert "Traceback" not in bad.stderr
+
     # Eval alone reuses the saved model and tokenizer, and appends to the log.
     again = _run(*TINY, f"--dataset=text:{glob}", f"--output_dir={out}", "--mode=eval")
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["baseline"] == results["baseline"]
-    assert len((out / "config_log.jsonl").read_text().splitlines()) == 2
+    assert len((out / "config_log.jsonl").read_text().splitlines()) == 4
 
 
 @pytest.mark.parametrize(
@@ -99,6 +121,9 @@ def test_train_and_eval_writes_model_results_and_logs(tmp_path):
         (["--strategy=tpu"], "--strategy"),
         (["--exit_layers=0,2"], "exit layer 0 is out of range"),
         (["--exit_layers=1,9"], "exit layer 9 is out of range"),
+        (["--decode_threshold=1.5"], "--decode_threshold"),
+        (["--decode_mode=teleport"], "--decode_mode"),
+        (["--mode=generate"], "needs --prompt"),
     ],
 )
 def test_bad_flags_fail_with_a_clear_message(tmp_path, args, message):

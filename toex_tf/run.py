@@ -4,6 +4,8 @@ Modes:
     train            tokenize the corpus, train an early-exit GPT, save OUTPUT_DIR/model.keras
     eval             sweep exit criteria and thresholds on held-out data → results.json
     train_and_eval   both
+    generate         --prompt text → generated text and each token's exit layer, as JSON
+                     (also OUTPUT_DIR/generate.json)
 
 This is the only module that knows about absl flags; it turns them into the dataclasses
 of `toex_tf.config` and calls the library.
@@ -31,7 +33,9 @@ from toex_tf.layers.top_k_confidence_gate import CRITERIA  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval"], "What to run.")
+flags.DEFINE_enum(
+    "mode", "train_and_eval", ["train", "eval", "train_and_eval", "generate"], "What to run."
+)
 flags.DEFINE_string("output_dir", None, "Where the model, results and logs go.")
 flags.DEFINE_enum("model", "gpt", ["gpt"], "Model family.")
 flags.DEFINE_enum("preset", "quickstart", sorted(PRESETS), "Named model size.")
@@ -85,6 +89,21 @@ flags.DEFINE_enum(
     ["cheap", "full"],
     "Confidence from the cheap LightweightOutputEmbedding head or the full head.",
 )
+
+
+flags.DEFINE_string("prompt", None, "--mode=generate: the prompt text.")
+flags.DEFINE_integer("max_new_tokens", 64, "--mode=generate: tokens to generate.", lower_bound=1)
+flags.DEFINE_enum(
+    "decode_mode", "lazy", ["full", "unfrozen", "frozen", "lazy", "speculative"], "Exit mode."
+)
+flags.DEFINE_enum("decode_criterion", "max_prob", list(CRITERIA), "Exit criterion.")
+flags.DEFINE_float("decode_threshold", 0.2, "Exit threshold in [0, 1].", 0.0, 1.0)
+flags.DEFINE_enum("sampling", "greedy", ["greedy", "sample"], "Decoding strategy.")
+flags.DEFINE_float("temperature", 1.0, "Sampling temperature.", lower_bound=1e-3)
+flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).", 0)
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.", 1e-6, 1.0)
+flags.DEFINE_integer("draft_layer", 1, "Speculative mode: the drafting exit layer.", 1)
+flags.DEFINE_integer("draft_length", 4, "Speculative mode: drafts per round.", 1)
 
 
 @flags.validator("criteria", message=f"--criteria must be a subset of {CRITERIA}.")
@@ -166,9 +185,14 @@ def _main(argv):
 
     overrides, data, train, evaluation = _configs()
     flag_values = _flag_dict()
+    if FLAGS.mode == "generate" and FLAGS.prompt is None:
+        raise ValueError("--mode=generate needs --prompt.")
     model_path = os.path.join(FLAGS.output_dir, "model.keras")
-    if FLAGS.mode == "eval" and not os.path.exists(model_path):
+    if FLAGS.mode in ("eval", "generate") and not os.path.exists(model_path):
         raise ValueError(f"no model at {model_path!r}: train first (--mode=train).")
+    if FLAGS.mode == "generate":
+        _generate(pipeline, flag_values)
+        return
     # The model settings are checked before the (slower) data preparation; the
     # vocabulary size comes from the tokenizer afterwards.
     model_config = gpt_preset(
@@ -200,6 +224,32 @@ def _main(argv):
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "flags": flag_values,
             "results": results,
+        }
+        f.write(json.dumps(entry) + "\n")
+
+
+def _generate(pipeline, flag_values):
+    result = pipeline.generate_text(
+        FLAGS.output_dir,
+        FLAGS.prompt,
+        FLAGS.max_new_tokens,
+        mode=FLAGS.decode_mode,
+        criterion=FLAGS.decode_criterion,
+        threshold=FLAGS.decode_threshold,
+        sampling=FLAGS.sampling,
+        temperature=FLAGS.temperature,
+        top_k=FLAGS.top_k,
+        top_p=FLAGS.top_p,
+        seed=FLAGS.seed,
+        draft_layer=FLAGS.draft_layer,
+        draft_length=FLAGS.draft_length,
+    )
+    print(json.dumps(result, indent=2, ensure_ascii=False))
+    with open(os.path.join(FLAGS.output_dir, "config_log.jsonl"), "a") as f:
+        entry = {
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "flags": flag_values,
+            "generate": result,
         }
         f.write(json.dumps(entry) + "\n")
 

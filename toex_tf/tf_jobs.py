@@ -156,3 +156,71 @@ def evaluate_saved(
     print(format_table(results))
     print(f"Wrote {path} and {plot}.")
     return results
+
+
+def generate_text(
+    output_dir: str,
+    prompt: str,
+    max_new_tokens: int,
+    mode: str = "lazy",
+    criterion: str = "max_prob",
+    threshold: float = 0.2,
+    draft_layer: int = 1,
+    draft_length: int = 4,
+    **sampling,
+) -> dict:
+    """Generates from `output_dir/model.keras` with its tokenizer; writes `generate.json`.
+
+    Returns:
+        `{"prompt", "text", "tokens": [{"token", "id", "exit_layer"}], "settings"}`.
+    """
+    from toex_tf.inference import DecoderAdapter, ExitPolicy  # noqa: PLC0415
+    from toex_tf.inference.speculative import generate_speculative  # noqa: PLC0415
+    from toex_tf.inference.tf_decode import compiled_generate  # noqa: PLC0415
+
+    model = load_model(os.path.join(output_dir, "model.keras"))
+    tokenizer = load_tokenizer(os.path.join(output_dir, "tokenizer"))
+    prompt_ids = np.asarray([tokenizer.encode(prompt)], dtype="int32").reshape(1, -1)
+    adapter = DecoderAdapter.from_gpt(model)
+    if mode == "speculative":
+        if sampling.get("sampling", "greedy") != "greedy":
+            raise ValueError("speculative decoding is greedy: use --sampling=greedy.")
+        token_ids, exit_layers = generate_speculative(
+            adapter, prompt_ids, max_new_tokens, draft_layer, draft_length
+        )
+    else:
+        policy = ExitPolicy(mode, criterion, threshold)
+        run = compiled_generate(
+            adapter, max_new_tokens, policy, stop_token_ids=[tokenizer.eos_id], **sampling
+        )
+        token_ids, exit_layers = run(prompt_ids)
+    token_ids = np.asarray(token_ids)[0].tolist()
+    exit_layers = np.asarray(exit_layers)[0].tolist()
+    if tokenizer.eos_id in token_ids:  # drop the stop token and what follows
+        cut = token_ids.index(tokenizer.eos_id)
+        token_ids, exit_layers = token_ids[:cut], exit_layers[:cut]
+    result = {
+        "prompt": prompt,
+        "text": tokenizer.decode(token_ids),
+        "tokens": [
+            {"token": tokenizer.decode([t]), "id": t, "exit_layer": layer}
+            for t, layer in zip(token_ids, exit_layers)
+        ],
+        "num_layers": model.num_layers,
+        "settings": {
+            "mode": mode,
+            "criterion": criterion,
+            "threshold": threshold,
+            "max_new_tokens": max_new_tokens,
+            **(
+                {"draft_layer": draft_layer, "draft_length": draft_length}
+                if mode == "speculative"
+                else {}
+            ),
+            **sampling,
+        },
+    }
+    path = os.path.join(output_dir, "generate.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, ensure_ascii=False)
+    return result
