@@ -238,6 +238,11 @@ def decode_step(adapter: DecoderAdapter, policy: ExitPolicy, token_ids, position
     chosen = ops.zeros_like(hidden)  # normed hidden state of the exit each row took
     force = ops.zeros((), "bool")
     if mode == "lazy":
+        if not lazy:
+            raise ValueError(
+                "lazy mode needs its state: pass lazy=adapter.empty_lazy_state(...) and "
+                "caches with max_pending extra positions (generate does this)."
+            )
         lazy = _write_state(lazy, hidden, position)
         # Skipping now would leave `width` tokens pending at the deepest layer: go deep.
         force = ops.greater_equal(ops.cast(position, "int32") + 1 - lazy[1][-1], width)
