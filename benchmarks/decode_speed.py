@@ -92,6 +92,22 @@ def _time(run, prompt, repeats):
     return float(np.median(times)), out
 
 
+def _row(tps, full_tps, ideal, avg_layers, batch, **setting) -> dict:
+    """One JSON row: the setting, then the measured and counted figures."""
+    return {
+        **setting,
+        "batch": batch,
+        "tokens_per_s": tps,
+        "full_tokens_per_s": full_tps,
+        "measured_speedup": tps / full_tps,
+        "ideal_speedup": ideal,
+        "realized_over_ideal": (tps / full_tps) / ideal,
+        "avg_layers": avg_layers,
+        "backend": keras.backend.backend(),
+        "device": _device(),
+    }
+
+
 def _mode_cost(cost, exit_layers, policy, avg_layers, kv_fraction):
     num_layers = cost.num_layers
     checked = [e for e in exit_layers if e < num_layers]
@@ -176,20 +192,16 @@ def main():
                 cost, exit_layers, policy, avg_layers, kv_fraction
             )
             tps = batch * args.new_tokens / seconds
-            row = {
-                "mode": policy.mode,
-                "criterion": None if policy.mode == "full" else policy.criterion,
-                "threshold": None if threshold is None else float(threshold),
-                "batch": batch,
-                "tokens_per_s": tps,
-                "full_tokens_per_s": full_tps,
-                "measured_speedup": tps / full_tps,
-                "ideal_speedup": ideal,
-                "realized_over_ideal": (tps / full_tps) / ideal,
-                "avg_layers": avg_layers,
-                "backend": keras.backend.backend(),
-                "device": _device(),
-            }
+            row = _row(
+                tps,
+                full_tps,
+                ideal,
+                avg_layers,
+                batch,
+                mode=policy.mode,
+                criterion=None if policy.mode == "full" else policy.criterion,
+                threshold=None if threshold is None else float(threshold),
+            )
             rows.append(row)
             print(
                 f"{row['mode']:<9}{str(row['threshold']):>6} b={batch} "
@@ -209,23 +221,19 @@ def main():
             tps = batch * args.new_tokens / seconds
             ideal = config.num_layers / avg_layers
             rows.append(
-                {
-                    "mode": "speculative",
-                    "criterion": None,
-                    "threshold": None,
-                    "draft_layer": draft_layer,
-                    "draft_length": draft_length,
-                    "accepted_per_round": float(out[2]["accepted"]) / rounds,
-                    "batch": batch,
-                    "tokens_per_s": tps,
-                    "full_tokens_per_s": full_tps,
-                    "measured_speedup": tps / full_tps,
-                    "ideal_speedup": ideal,
-                    "realized_over_ideal": (tps / full_tps) / ideal,
-                    "avg_layers": avg_layers,
-                    "backend": keras.backend.backend(),
-                    "device": _device(),
-                }
+                _row(
+                    tps,
+                    full_tps,
+                    ideal,
+                    avg_layers,
+                    batch,
+                    mode="speculative",
+                    criterion=None,
+                    threshold=None,
+                    draft_layer=draft_layer,
+                    draft_length=draft_length,
+                    accepted_per_round=float(out[2]["accepted"]) / rounds,
+                )
             )
             print(
                 f"spec {draft_layer}:{draft_length} b={batch} {tps:8.1f} tok/s  "

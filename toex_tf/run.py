@@ -219,12 +219,17 @@ def _main(argv):
             train.batch_size,
             config={"flags": flag_values},
         )
+    _append_to_config_log(flag_values, results=results)
+
+
+def _append_to_config_log(flag_values: dict, **outcome) -> None:
+    """One JSON line per run in OUTPUT_DIR/config_log.jsonl: time, every flag, the outcome."""
+    entry = {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "flags": flag_values,
+        **outcome,
+    }
     with open(os.path.join(FLAGS.output_dir, "config_log.jsonl"), "a") as f:
-        entry = {
-            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "flags": flag_values,
-            "results": results,
-        }
         f.write(json.dumps(entry) + "\n")
 
 
@@ -245,13 +250,7 @@ def _generate(pipeline, flag_values):
         draft_length=FLAGS.draft_length,
     )
     print(json.dumps(result, indent=2, ensure_ascii=False))
-    with open(os.path.join(FLAGS.output_dir, "config_log.jsonl"), "a") as f:
-        entry = {
-            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "flags": flag_values,
-            "generate": result,
-        }
-        f.write(json.dumps(entry) + "\n")
+    _append_to_config_log(flag_values, generate=result)
 
 
 def run_main():
