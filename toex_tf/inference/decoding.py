@@ -406,8 +406,9 @@ def generate(
         stop_token_ids: rows stop after emitting one of these; later slots hold the
             first stop id.
         seed: int, sampling seed.
-        return_state: also return a dict with `caches`, `lazy` (state), `next_position`,
-            `steps` and `layers_run` (layers summed over the decode steps).
+        return_state: also return a dict with `caches`, `lazy` (state), `next_position`
+            (the first position not yet fed), `steps` (decode steps run: one per token
+            but the last) and `layers_run` (layers summed over those steps).
 
     Returns:
         `(token_ids (batch, max_new_tokens), exit_layers (batch, max_new_tokens))`;
@@ -431,10 +432,8 @@ def generate(
     finished = ops.zeros((batch,), "bool")
     last_exit = ops.full((batch,), adapter.num_layers, "int32")
 
-    def condition(step, tokens, exits, finished, logits, last_exit, caches, lazy, layers_run):
-        return ops.logical_and(step < max_new_tokens, ops.logical_not(ops.all(finished)))
-
-    def body(step, tokens, exits, finished, logits, last_exit, caches, lazy, layers_run):
+    def emit(step, tokens, exits, finished, logits, last_exit):
+        """Samples the token of column `step` from `logits` and records it."""
         step_seed = ops.stack([ops.cast(seed, "int32"), ops.cast(step, "int32")])
         next_ids = sample_next(logits, sampling, temperature, top_k, top_p, seed=step_seed)
         next_ids = ops.where(finished, fill, next_ids)
@@ -442,7 +441,15 @@ def generate(
         tokens = tokens * (1 - column) + next_ids[:, None] * column
         exits = exits * (1 - column) + ops.where(finished, 0, last_exit)[:, None] * column
         stopped = ops.any(ops.equal(next_ids[:, None], stop_ids[None, :]), axis=-1)
-        finished = ops.logical_or(finished, stopped)
+        return next_ids, tokens, exits, ops.logical_or(finished, stopped)
+
+    # The loop runs one decode step per token but the last: the last token is sampled
+    # after it, so no step computes logits that nobody reads.
+    def condition(step, tokens, exits, finished, logits, last_exit, caches, lazy, layers_run):
+        return ops.logical_and(step < max_new_tokens - 1, ops.logical_not(ops.all(finished)))
+
+    def body(step, tokens, exits, finished, logits, last_exit, caches, lazy, layers_run):
+        next_ids, tokens, exits, finished = emit(step, tokens, exits, finished, logits, last_exit)
         logits, last_exit, caches, lazy, depth = decode_step(
             adapter, policy, next_ids[:, None], prompt_length + step, caches, lazy
         )
@@ -462,16 +469,22 @@ def generate(
     zero = ops.zeros((), "int32")
     state = (zero, tokens, exits, finished, logits, last_exit, tuple(caches), lazy, zero)
     state = ops.while_loop(condition, body, state)
+    steps = state[0]
+    _, tokens, exits, _ = emit(steps, state[1], state[2], state[3], state[4], state[5])
+    # Columns after the last one sampled (all rows stopped early) hold the stop id.
+    after = ops.arange(max_new_tokens, dtype="int32")[None, :] > steps
+    tokens = ops.where(after, fill, tokens)
+    exits = ops.where(after, 0, exits)
     if return_state:
         extras = {
             "caches": list(state[6]),
             "lazy": state[7],
-            "next_position": prompt_length + state[0],
-            "steps": state[0],
+            "next_position": prompt_length + steps,
+            "steps": steps,
             "layers_run": state[8],
         }
-        return state[1], state[2], extras
-    return state[1], state[2]
+        return tokens, exits, extras
+    return tokens, exits
 
 
 def _validate(adapter, prompt, max_new_tokens, sampling, temperature, top_k, top_p):
