@@ -67,6 +67,8 @@ class GPTConfig:
     gate_criterion: str = "margin"
     gate_threshold: float = 0.9
     norm_epsilon: float = 1e-5
+    learned_gates: bool = False  # a LearnedExitGate on every non-final exit
+    learned_gate_units: int = 0  # 0: linear probe; else the gate's hidden width
 
     def __post_init__(self):
         for name in ("vocab_size", "max_length", "hidden_dim", "num_layers", "num_heads"):
@@ -82,6 +84,11 @@ class GPTConfig:
                 f"gate_criterion must be one of {CRITERIA}; got {self.gate_criterion!r}."
             )
         validate_threshold(self.gate_threshold, "gate_threshold")
+        if not isinstance(self.learned_gates, bool):
+            raise ValueError(f"learned_gates must be a bool; got {self.learned_gates!r}.")
+        units = self.learned_gate_units
+        if isinstance(units, bool) or not isinstance(units, int) or units < 0:
+            raise ValueError(f"learned_gate_units must be an int >= 0; got {units!r}.")
         self.exit_layers = resolve_exit_layers(self.exit_layers, self.num_layers)
         if self.output_embedding_mode == "shortlist":
             self.shortlist_size = min(self.shortlist_size, self.vocab_size)

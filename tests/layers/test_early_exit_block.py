@@ -5,6 +5,7 @@ from roundtrip import assert_roundtrip
 
 from toex_tf.layers import (
     EarlyExitBlock,
+    LearnedExitGate,
     LightweightOutputEmbedding,
     TopKConfidenceGate,
     TransformerBlock,
@@ -88,6 +89,48 @@ def test_bad_arguments():
 def test_roundtrip(tmp_path):
     assert_roundtrip(_block(), X, tmp_path, atol=1e-5)
     assert_roundtrip(_block(), X, tmp_path, call_kwargs={"return_exit_signals": True}, atol=1e-5)
+
+
+def _learned_gate(hidden_units=4):
+    return LearnedExitGate(hidden_units, kernel_initializer="glorot_uniform")
+
+
+def test_learned_gate_reads_the_normed_hidden_state():
+    block = _block(learned_gate=_learned_gate())
+    hidden, _, signals = block(X, return_exit_signals=True)
+    expected = block.learned_gate(block.exit_norm(hidden))
+    np.testing.assert_allclose(
+        np.asarray(signals["learned_confidence"]), np.asarray(expected), atol=1e-6
+    )
+    assert signals["learned_confidence"].shape == (2, 6)
+    gate_weights = {id(w) for w in block.learned_gate.weights}
+    assert len(gate_weights) == 4 and gate_weights <= {id(w) for w in block.weights}
+
+
+def test_learned_gate_needs_an_exit_head():
+    with pytest.raises(ValueError, match="learned_gate needs an exit head"):
+        EarlyExitBlock(TransformerBlock(2, 8, 32), learned_gate=LearnedExitGate())
+    with pytest.raises(TypeError, match="learned_gate"):
+        _block(learned_gate=TopKConfidenceGate())
+
+
+def test_learned_gate_roundtrip(tmp_path):
+    block = _block(learned_gate=_learned_gate())
+    loaded = assert_roundtrip(
+        block, X, tmp_path, call_kwargs={"return_exit_signals": True}, atol=1e-5
+    )
+    loaded_block = [layer for layer in loaded.layers if isinstance(layer, EarlyExitBlock)][0]
+    assert isinstance(loaded_block.learned_gate, LearnedExitGate)
+    assert loaded_block.learned_gate.hidden_units == 4
+
+
+def test_config_without_learned_gate_key_still_loads():
+    """Blocks saved before learned gates existed have no `learned_gate` key."""
+    config = _block().get_config()
+    del config["learned_gate"]
+    block = EarlyExitBlock.from_config(config)
+    hidden, logits = block(X)
+    assert block.learned_gate is None and logits.shape == (2, 6, 40)
 
 
 def test_shared_output_embedding_stays_shared_through_keras_file(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from toex_tf.config import PRESETS, GPTConfig, gpt_preset, resolve_exit_layers
-from toex_tf.models import EarlyExitGPT, build_gpt, with_exit_signals
+from toex_tf.models import EarlyExitGPT, add_learned_gates, build_gpt, with_exit_signals
 
 TOKENS = np.random.default_rng(0).integers(0, 64, size=(2, 12)).astype("int32")
 
@@ -75,6 +75,73 @@ def test_save_and_load(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+def _learned_gates(model):
+    return [block.learned_gate for block in model.blocks]
+
+
+def test_learned_gates_on_every_non_final_exit():
+    model = build_gpt("tiny", num_layers=4, exit_layers="1,3", learned_gates=True)
+    gates = _learned_gates(model)
+    assert [gate is not None for gate in gates] == [True, False, True, False]
+    assert gates[0].hidden_units == 0 and tuple(gates[0].kernel.shape) == (16, 1)
+    assert len(model(TOKENS)["exit_logits"]) == 3  # gates add weights, no outputs
+    gated = build_gpt("tiny", learned_gates=True, learned_gate_units=8)
+    assert _learned_gates(gated)[0].hidden_units == 8
+
+
+def test_model_with_learned_gates_round_trips_through_keras_file(tmp_path):
+    model = build_gpt("tiny", num_layers=3, learned_gates=True, learned_gate_units=4)
+    for gate in _learned_gates(model)[:-1]:  # non-trivial gate outputs
+        for weight in gate.weights:
+            weight.assign(np.random.default_rng(0).normal(size=weight.shape))
+    path = tmp_path / "gated.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.gpt_config.learned_gates and loaded.gpt_config.learned_gate_units == 4
+    for a, b in zip(model(TOKENS)["exit_logits"], loaded(TOKENS)["exit_logits"]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    hidden = np.random.default_rng(1).normal(size=(2, 5, 16)).astype("float32")
+    for gate, loaded_gate in zip(_learned_gates(model)[:-1], _learned_gates(loaded)[:-1]):
+        expected = np.asarray(gate(hidden))
+        assert expected.std() > 0.01
+        np.testing.assert_array_equal(np.asarray(loaded_gate(hidden)), expected)
+    assert _learned_gates(loaded)[-1] is None
+
+
+def test_config_saved_before_learned_gates_still_loads():
+    config = build_gpt("tiny").get_config()
+    del config["learned_gates"], config["learned_gate_units"]
+    model = EarlyExitGPT.from_config(config)
+    assert not model.gpt_config.learned_gates and _learned_gates(model) == [None, None]
+
+
+def test_add_learned_gates_keeps_every_weight_and_output():
+    model = build_gpt("tiny", num_layers=3, exit_layers="1", capacity=0.5, layer_dropout=0.1)
+    gated = add_learned_gates(model, hidden_units=4)
+    assert isinstance(gated, EarlyExitGPT) and gated.gpt_config.learned_gates
+    assert [gate is not None for gate in _learned_gates(gated)] == [True, False, False]
+    assert _learned_gates(gated)[0].hidden_units == 4
+    source = {w.path: np.asarray(w) for w in model.weights}
+    target = {w.path: np.asarray(w) for w in gated.weights}
+    assert set(target) - set(source) == {
+        f"block_1/learned_gate/{name}"
+        for name in ("hidden_kernel", "hidden_bias", "kernel", "bias")
+    }
+    for path, value in source.items():
+        np.testing.assert_array_equal(target[path], value)
+    for a, b in zip(model(TOKENS)["exit_logits"], gated(TOKENS)["exit_logits"]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_add_learned_gates_rejects_what_it_cannot_gate():
+    with pytest.raises(TypeError, match="EarlyExitGPT"):
+        add_learned_gates(keras.Sequential([keras.layers.Dense(2)]))
+    with pytest.raises(ValueError, match="already has learned gates"):
+        add_learned_gates(build_gpt("tiny", learned_gates=True))
+    with pytest.raises(ValueError, match="only the final exit"):
+        add_learned_gates(build_gpt("tiny", exit_layers="none"))
+
+
 def test_presets():
     assert set(PRESETS) >= {"tiny", "toex-small", "gpt2-small"}
     small = gpt_preset("toex-small")
@@ -85,6 +152,8 @@ def test_presets():
         GPTConfig(hidden_dim=10, num_heads=3)
     with pytest.raises(ValueError, match="gate_threshold"):
         GPTConfig(gate_threshold=1.2)
+    with pytest.raises(ValueError, match="learned_gate_units"):
+        GPTConfig(learned_gate_units=-1)
 
 
 def test_imports_and_runs_without_tensorflow(tmp_path):

@@ -1,8 +1,9 @@
-"""`EarlyExitBlock`: a transformer block with an optional exit head and confidence gate."""
+"""`EarlyExitBlock`: a transformer block with an optional exit head and confidence gates."""
 
 import keras
 from keras import ops
 
+from toex_tf.layers.learned_exit_gate import LearnedExitGate
 from toex_tf.layers.lightweight_output_embedding import LightweightOutputEmbedding
 from toex_tf.layers.top_k_confidence_gate import TopKConfidenceGate
 from toex_tf.layers.transformer_block import make_norm
@@ -22,7 +23,9 @@ class EarlyExitBlock(keras.layers.Layer):
     model's shared, tied `LightweightOutputEmbedding` (one instance passed to every
     exit, as in CALM and LayerSkip); `.keras` saving keeps the sharing. The gate turns
     the cheap logits of that embedding into a per-token exit decision, so a confidence
-    check never pays for the full vocabulary projection.
+    check never pays for the full vocabulary projection. An optional `LearnedExitGate`
+    gives a second confidence, read from the normed hidden state with no vocabulary
+    projection at all (`block.learned_gate(block.exit_norm(hidden))`).
 
     With `layer_dropout > 0`, training skips the whole block for a random share of the
     sequences (the block's output is replaced by its input), which makes later layers
@@ -39,6 +42,8 @@ class EarlyExitBlock(keras.layers.Layer):
         norm_epsilon: float. Defaults to `1e-5`.
         gate: `TopKConfidenceGate` (or config) or None; None with an exit head means
             a default `TopKConfidenceGate()`. Defaults to `None`.
+        learned_gate: `LearnedExitGate` (or config) or None. Needs an exit head; it is
+            built on the hidden size and saved with the block. Defaults to `None`.
         layer_dropout: float in [0, 1), the training-time probability of skipping the
             block. Defaults to `0.0`.
         seed: int or None, seed of the layer-dropout draws. Defaults to `None`.
@@ -55,7 +60,8 @@ class EarlyExitBlock(keras.layers.Layer):
     Returns:
         Without an exit head: `hidden` (plus `cache` when given). With one:
         `(hidden, exit_logits)`, then a dict of signals (`cheap_logits`, `confidence`,
-        `exit`) when `return_exit_signals`, then `cache` when given.
+        `exit`, plus `learned_confidence` with a learned gate) when
+        `return_exit_signals`, then `cache` when given.
 
     Example:
     >>> embedding = LightweightOutputEmbedding(vocab_size=100, hidden_dim=16, shortlist_size=8)
@@ -76,12 +82,14 @@ class EarlyExitBlock(keras.layers.Layer):
         gate=None,
         layer_dropout: float = 0.0,
         seed: int | None = None,
+        learned_gate=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         block = _deserialize(block)
         output_embedding = _deserialize(output_embedding)
         gate = _deserialize(gate)
+        learned_gate = _deserialize(learned_gate)
         if not isinstance(block, keras.layers.Layer):
             raise TypeError(f"block must be a keras Layer; got {type(block).__name__}.")
         if output_embedding is not None and not isinstance(
@@ -90,6 +98,16 @@ class EarlyExitBlock(keras.layers.Layer):
             raise TypeError(
                 "output_embedding must be a LightweightOutputEmbedding or None; got "
                 f"{type(output_embedding).__name__}."
+            )
+        if learned_gate is not None and not isinstance(learned_gate, LearnedExitGate):
+            raise TypeError(
+                "learned_gate must be a LearnedExitGate or None; got "
+                f"{type(learned_gate).__name__}."
+            )
+        if learned_gate is not None and output_embedding is None:
+            raise ValueError(
+                "learned_gate needs an exit head: pass output_embedding too, or "
+                "learned_gate=None for a block without an exit."
             )
         if not 0.0 <= layer_dropout < 1.0:
             raise ValueError(f"layer_dropout must be in [0, 1); got {layer_dropout}.")
@@ -100,6 +118,7 @@ class EarlyExitBlock(keras.layers.Layer):
         self.norm_type = norm_type
         self.norm_epsilon = norm_epsilon
         self.gate = gate if output_embedding is not None else None
+        self.learned_gate = learned_gate
         self.layer_dropout = float(layer_dropout)
         self.seed = seed
 
@@ -118,6 +137,8 @@ class EarlyExitBlock(keras.layers.Layer):
             self.exit_norm.build(input_shape)
             if not self.output_embedding.built:
                 self.output_embedding.build()
+            if self.learned_gate is not None and not self.learned_gate.built:
+                self.learned_gate.build(input_shape)
         self.seed_generator = None
         if self.layer_dropout > 0:
             self.seed_generator = keras.random.SeedGenerator(self.seed, name="layer_dropout")
@@ -127,12 +148,16 @@ class EarlyExitBlock(keras.layers.Layer):
         return self.output_embedding(self.exit_norm(hidden), mode="logits")
 
     def exit_signals(self, hidden, threshold=None, normed=None):
-        """Gate signals from the cheap head: `cheap_logits`, `confidence`, `exit`."""
+        """Gate signals: `cheap_logits`, `confidence` and `exit` from the cheap head, and
+        `learned_confidence` from the learned gate when there is one."""
         if normed is None:
             normed = self.exit_norm(hidden)
         cheap_logits = self.output_embedding(normed, mode="cheap_logits")
         confidence, exit_decision = self.gate(cheap_logits, threshold=threshold)
-        return {"cheap_logits": cheap_logits, "confidence": confidence, "exit": exit_decision}
+        signals = {"cheap_logits": cheap_logits, "confidence": confidence, "exit": exit_decision}
+        if self.learned_gate is not None:
+            signals["learned_confidence"] = self.learned_gate(normed)
+        return signals
 
     def call(
         self,
@@ -189,13 +214,14 @@ class EarlyExitBlock(keras.layers.Layer):
             )
             if return_exit_signals:
                 cheap = self.output_embedding.compute_output_spec(outputs[0], mode="cheap_logits")
-                outputs.append(
-                    {
-                        "cheap_logits": cheap,
-                        "confidence": keras.KerasTensor(prefix, "float32"),
-                        "exit": keras.KerasTensor(prefix, "bool"),
-                    }
-                )
+                signals = {
+                    "cheap_logits": cheap,
+                    "confidence": keras.KerasTensor(prefix, "float32"),
+                    "exit": keras.KerasTensor(prefix, "bool"),
+                }
+                if self.learned_gate is not None:
+                    signals["learned_confidence"] = keras.KerasTensor(prefix, "float32")
+                outputs.append(signals)
         if cache is not None:
             outputs.append(keras.KerasTensor(cache.shape, cache.dtype))
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
@@ -210,4 +236,5 @@ class EarlyExitBlock(keras.layers.Layer):
             "gate": keras.saving.serialize_keras_object(self.gate),
             "layer_dropout": self.layer_dropout,
             "seed": self.seed,
+            "learned_gate": keras.saving.serialize_keras_object(self.learned_gate),
         }

@@ -5,6 +5,7 @@ import keras
 from toex_tf.config import GPTConfig, gpt_preset
 from toex_tf.layers import (
     EarlyExitBlock,
+    LearnedExitGate,
     LightweightOutputEmbedding,
     PositionEmbedding,
     TopKConfidenceGate,
@@ -25,14 +26,17 @@ class EarlyExitGPT(keras.Model):
     `exit_signals=True` it also has `"cheap_logits"`, the cheap head of
     `LightweightOutputEmbedding` at each exit, used by the exit evaluation.
 
-    The baseline is the same model with `exit_layers="none"`.
+    The baseline is the same model with `exit_layers="none"`. With `learned_gates`,
+    every exit but the final one also carries a `LearnedExitGate` (weights only; it adds
+    no output). `add_learned_gates` gives a trained model gates after the fact.
 
     Args:
         vocab_size, max_length, hidden_dim, num_layers, num_heads, intermediate_dim,
         dropout, exit_layers, output_embedding_mode, shortlist_size, low_rank,
-        layer_dropout, capacity, gate_criterion, gate_threshold, norm_epsilon: the
-            fields of `toex_tf.config.GPTConfig`. `layer_dropout` is the rate at the
-            last layer; layer `l` of `L` uses `layer_dropout * l / L` (LayerSkip).
+        layer_dropout, capacity, gate_criterion, gate_threshold, norm_epsilon,
+        learned_gates, learned_gate_units: the fields of `toex_tf.config.GPTConfig`.
+            `layer_dropout` is the rate at the last layer; layer `l` of `L` uses
+            `layer_dropout * l / L` (LayerSkip).
         exit_signals: bool, also output the cheap-head logits. Defaults to `False`.
         seed: int, seed of the layer-dropout draws. Defaults to `0`.
         **kwargs: base `keras.Model` arguments (`name`, ...).
@@ -63,6 +67,8 @@ class EarlyExitGPT(keras.Model):
         gate_criterion: str = "margin",
         gate_threshold: float = 0.9,
         norm_epsilon: float = 1e-5,
+        learned_gates: bool = False,
+        learned_gate_units: int = 0,
         exit_signals: bool = False,
         seed: int = 0,
         **kwargs,
@@ -84,6 +90,8 @@ class EarlyExitGPT(keras.Model):
             gate_criterion=gate_criterion,
             gate_threshold=gate_threshold,
             norm_epsilon=norm_epsilon,
+            learned_gates=learned_gates,
+            learned_gate_units=learned_gate_units,
         )
         token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
         embedding = LightweightOutputEmbedding(
@@ -100,6 +108,10 @@ class EarlyExitGPT(keras.Model):
         exit_logits, cheap_logits = [], []
         for layer in range(1, num_layers + 1):
             has_exit = layer in config.exit_layers
+            # The final exit is always taken, so it needs no learned gate.
+            learned_gate = None
+            if learned_gates and has_exit and layer < num_layers:
+                learned_gate = LearnedExitGate(learned_gate_units, name="learned_gate")
             block = EarlyExitBlock(
                 TransformerBlock(
                     num_heads=num_heads,
@@ -117,6 +129,7 @@ class EarlyExitGPT(keras.Model):
                 else None,
                 layer_dropout=layer_dropout * layer / num_layers,
                 seed=seed + layer,
+                learned_gate=learned_gate,
                 name=f"block_{layer}",
             )
             if not has_exit:
@@ -184,3 +197,59 @@ def with_exit_signals(model: EarlyExitGPT) -> EarlyExitGPT:
     signal_model = EarlyExitGPT.from_config({**model.get_config(), "exit_signals": True})
     signal_model.set_weights(model.get_weights())
     return signal_model
+
+
+def add_learned_gates(model: EarlyExitGPT, hidden_units: int = 0) -> EarlyExitGPT:
+    """A copy of `model` with a `LearnedExitGate` on every non-final exit, same weights.
+
+    Keras 3 adds no state to a built layer, so the model is rebuilt from its config with
+    `learned_gates=True` and every variable of `model` is copied over by path, with a
+    shape check. The new gates start untrained (confidence 0.5 everywhere); train them
+    with `toex_tf.training.gate_training.fit_learned_gates`.
+
+    Args:
+        model: a trained `EarlyExitGPT` without learned gates.
+        hidden_units: int, the gates' hidden width; `0` is a linear probe. Defaults to
+            `0`.
+
+    Returns:
+        A new `EarlyExitGPT` whose outputs equal `model`'s exactly.
+    """
+    if not isinstance(model, EarlyExitGPT):
+        raise TypeError(f"model must be an EarlyExitGPT; got {type(model).__name__}.")
+    if model.gpt_config.learned_gates:
+        raise ValueError(f"model {model.name!r} already has learned gates.")
+    if len(model.exit_layers) < 2:
+        raise ValueError(
+            f"model {model.name!r} has only the final exit (exit_layers="
+            f"{list(model.exit_layers)}); learned gates go on the earlier exits."
+        )
+    gated = EarlyExitGPT.from_config(
+        {**model.get_config(), "learned_gates": True, "learned_gate_units": hidden_units}
+    )
+    source, target = _weights_by_path(model), _weights_by_path(gated)
+    missing = sorted(set(source) - set(target))
+    if missing:
+        raise ValueError(f"weights {missing} of {model.name!r} have no place in the gated model.")
+    for path, variable in target.items():
+        if path not in source:
+            if "/learned_gate/" not in path:
+                raise ValueError(f"weight {path!r} of the gated model has no source in model.")
+            continue
+        value = source[path]
+        if tuple(value.shape) != tuple(variable.shape):
+            raise ValueError(
+                f"weight {path!r}: the source has shape {tuple(value.shape)}, the gated "
+                f"model expects {tuple(variable.shape)}."
+            )
+        variable.assign(value)
+    return gated
+
+
+def _weights_by_path(model: keras.Model) -> dict:
+    weights = {}
+    for weight in model.weights:
+        if weight.path in weights:
+            raise ValueError(f"two weights of {model.name!r} share the path {weight.path!r}.")
+        weights[weight.path] = weight
+    return weights

@@ -1,0 +1,119 @@
+"""`LearnedExitGate`: a learned exit confidence from the hidden state, no vocabulary head."""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="toex_tf")
+class LearnedExitGate(keras.layers.Layer):
+    """A small classifier on an exit's normed hidden state that predicts consistency.
+
+    The gate outputs `sigmoid(logit)`: the predicted probability that this exit's top-1
+    token equals the final layer's top-1 (CALM's "learned classifier" criterion, with
+    its consistency target). It reads the hidden state only, so a confidence check costs
+    `hidden` MACs for the linear probe instead of a vocabulary projection (about 1.5
+    TinyLlama layers for the full head, DESIGN.md §4).
+
+    The output kernel starts at zero, so an untrained gate says 0.5 everywhere and
+    never passes a threshold above 0.5 by accident. Train the gates with
+    `toex_tf.training.gate_training.fit_learned_gates` (binary cross-entropy on
+    `logit`, with the rest of the model frozen).
+
+    The gate reads a gradient-stopped input: it observes the hidden state, it must not
+    shape it. Its weights and its whole computation are float32 whatever the dtype
+    policy (they are tiny: `hidden + 1` weights for the probe): the confidence is
+    compared against thresholds near 1, where bf16 rounding of the logit would move
+    decisions.
+
+    Args:
+        hidden_units: int >= 0. `0` is a linear probe; otherwise one hidden layer of
+            that width with GELU. Defaults to `0`.
+        kernel_initializer: initializer of the output (logit) kernel. Defaults to
+            `"zeros"`.
+        hidden_kernel_initializer: initializer of the hidden-layer kernel (only used
+            with `hidden_units > 0`). Defaults to `"glorot_uniform"`.
+        bias_initializer: initializer of both biases. Defaults to `"zeros"`.
+        **kwargs: base `keras.layers.Layer` arguments.
+
+    Call arguments:
+        hidden: float tensor `(..., hidden)`, the exit's normed hidden state (the
+            `exit_norm` output of `EarlyExitBlock`).
+
+    Returns:
+        float32 `(...)` confidence in [0, 1].
+
+    Example:
+    >>> gate = LearnedExitGate(hidden_units=32)
+    >>> confidence = gate(np.random.rand(2, 8, 16).astype("float32"))  # (2, 8)
+    >>> exit_decision = confidence > 0.9
+
+    References:
+        Schuster et al., "Confident Adaptive Language Modeling" (CALM), 2022.
+    """
+
+    def __init__(
+        self,
+        hidden_units: int = 0,
+        kernel_initializer="zeros",
+        hidden_kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(hidden_units, bool) or not isinstance(hidden_units, int) or hidden_units < 0:
+            raise ValueError(f"hidden_units must be an int >= 0; got {hidden_units!r}.")
+        self.hidden_units = hidden_units
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.hidden_kernel_initializer = keras.initializers.get(hidden_kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        if hidden_dim is None:
+            raise ValueError("LearnedExitGate needs a known last (hidden) dimension.")
+        self.hidden_kernel = self.hidden_bias = None
+        if self.hidden_units:
+            self.hidden_kernel = self._float32_weight(
+                (hidden_dim, self.hidden_units), self.hidden_kernel_initializer, "hidden_kernel"
+            )
+            self.hidden_bias = self._float32_weight(
+                (self.hidden_units,), self.bias_initializer, "hidden_bias"
+            )
+            hidden_dim = self.hidden_units
+        self.kernel = self._float32_weight((hidden_dim, 1), self.kernel_initializer, "kernel")
+        self.bias = self._float32_weight((1,), self.bias_initializer, "bias")
+
+    def _float32_weight(self, shape, initializer, name):
+        # Not autocast: under a mixed policy the gate still reads its float32 weights.
+        return self.add_weight(
+            shape, initializer=initializer, dtype="float32", autocast=False, name=name
+        )
+
+    @property
+    def input_dtype(self):
+        """Float32: inputs are cast up, never down to the compute dtype."""
+        return "float32"
+
+    def logit(self, hidden):
+        """Float32 logit `(...)` of the confidence; the input of the BCE training loss."""
+        features = ops.cast(ops.stop_gradient(hidden), "float32")
+        if self.hidden_units:
+            features = ops.gelu(ops.matmul(features, self.hidden_kernel) + self.hidden_bias)
+        return ops.squeeze(ops.matmul(features, self.kernel) + self.bias, axis=-1)
+
+    def call(self, hidden):
+        return ops.sigmoid(self.logit(hidden))
+
+    def compute_output_spec(self, hidden):
+        return keras.KerasTensor(hidden.shape[:-1], dtype="float32")
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "hidden_units": self.hidden_units,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "hidden_kernel_initializer": keras.initializers.serialize(
+                self.hidden_kernel_initializer
+            ),
+            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+        }
