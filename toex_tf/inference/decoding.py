@@ -22,8 +22,32 @@ Modes (DESIGN.md §3):
               them for every pending position in one windowed pass (FREE, EE-LLM), so the
               caches stay exact and the tokens are exactly `unfrozen`'s.
 
+Criteria (`ExitPolicy.criterion`), each a confidence in [0, 1] checked against the
+threshold at a decision exit:
+    max_prob, margin, entropy   the cheap head's softmax (`TopKConfidenceGate`).
+    kl          `exp(-KL(p_k || p_prev))` between the cheap-head distributions of this
+                exit and the previous decision exit: the prediction stopped moving.
+                The first decision exit has no previous one and never passes.
+    saturation  cosine between the hidden state here and at the previous decision exit
+                (the embedding before the first): hidden-state saturation (CALM's
+                "state" signal). No vocabulary projection at all.
+    patience    `min(1, streak / patience)`, where streak counts the consecutive earlier
+                decision exits whose cheap top-1 equals this one's (PABEE). With a
+                threshold just below 1 it is the plain rule "exit after `patience`
+                agreeing exits"; lower thresholds accept shorter streaks.
+    learned     the exit block's `LearnedExitGate` on the normed hidden state: a learned
+                consistency classifier (CALM), no vocabulary projection.
+`threshold_decay` makes the threshold fall with position (CALM):
+`clip(0.9 * threshold + 0.1 * exp(-decay * position / max_length), 0, 1)`; a threshold of
+1.0 still never exits.
+
 Batch policy: a segment is skipped only when every row has exited; a row that exited
 earlier keeps its early prediction but its state keeps going (exact K/V for it).
+
+Batches of prompts with different lengths are left-padded (`pad_prompts`) and carry a
+padding mask: pad slots are masked out of attention at every step, and a row's learned
+positions start at its first real token. RoPE needs no shift: it is relative, and every
+token of a row is shifted by the same amount.
 """
 
 from dataclasses import dataclass
@@ -35,6 +59,9 @@ from toex_tf.layers.causal_self_attention import write_kv_cache
 from toex_tf.layers.top_k_confidence_gate import CRITERIA, TopKConfidenceGate, validate_threshold
 
 DECODE_MODES = ("full", "unfrozen", "frozen", "lazy")
+DECODE_CRITERIA = CRITERIA + ("kl", "saturation", "patience", "learned")
+# Criteria that read the cheap (shortlist or low-rank) head; the others read hidden states.
+CHEAP_HEAD_CRITERIA = CRITERIA + ("kl", "patience")
 SAMPLING = ("greedy", "sample")
 
 
@@ -44,7 +71,7 @@ class ExitPolicy:
 
     Attributes:
         mode: one of `DECODE_MODES`.
-        criterion: one of `max_prob`, `margin`, `entropy`.
+        criterion: one of `DECODE_CRITERIA` (see the module docstring).
         threshold: float in [0, 1]; a row exits when its confidence is above it
             (1.0 never exits).
         max_pending: lazy mode: the catch-up window. At most `max_pending - 1` tokens
@@ -52,6 +79,9 @@ class ExitPolicy:
         decision_layers: exits (1-based layers) where the step may decide; None: every
             exit of the model. Each decision is one data-dependent branch, which costs
             about a small layer on a GPU (DESIGN.md §4), so decide at a few exits there.
+        patience: `patience` criterion: agreeing exits needed (int >= 1).
+        threshold_decay: None (a constant threshold) or a float >= 0, the CALM decay
+            temperature of a threshold that falls with position.
     """
 
     mode: str = "full"
@@ -59,13 +89,24 @@ class ExitPolicy:
     threshold: float = 1.0
     max_pending: int = 8
     decision_layers: tuple | None = None
+    patience: int = 2
+    threshold_decay: float | None = None
 
     def __post_init__(self):
         if self.mode not in DECODE_MODES:
             raise ValueError(f"mode must be one of {DECODE_MODES}; got {self.mode!r}.")
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"criterion must be one of {CRITERIA}; got {self.criterion!r}.")
+        if self.criterion not in DECODE_CRITERIA:
+            raise ValueError(f"criterion must be one of {DECODE_CRITERIA}; got {self.criterion!r}.")
         validate_threshold(self.threshold)
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int):
+            raise ValueError(f"patience must be an int >= 1; got {self.patience!r}.")
+        if self.patience < 1:
+            raise ValueError(f"patience must be an int >= 1; got {self.patience!r}.")
+        decay = self.threshold_decay
+        if decay is not None and (
+            isinstance(decay, bool) or not isinstance(decay, (int, float)) or not decay >= 0
+        ):
+            raise ValueError(f"threshold_decay must be None or a float >= 0; got {decay!r}.")
         if (
             isinstance(self.max_pending, bool)
             or not isinstance(self.max_pending, int)
@@ -73,12 +114,22 @@ class ExitPolicy:
         ):
             raise ValueError(f"max_pending must be an int >= 2; got {self.max_pending!r}.")
 
+    def threshold_at(self, positions, max_length: int):
+        """The threshold at `positions` (any int shape): constant, or decaying (CALM)."""
+        if self.threshold_decay is None or self.threshold >= 1.0:
+            return self.threshold
+        fraction = ops.cast(positions, "float32") / float(max_length)
+        decayed = 0.9 * self.threshold + 0.1 * ops.exp(-float(self.threshold_decay) * fraction)
+        return ops.clip(decayed, 0.0, 1.0)
+
 
 class DecoderAdapter:
     """What the decode engine needs from a model.
 
     Args:
-        embed: `embed(token_ids (batch, seq), start_index) -> (batch, seq, hidden)`.
+        embed: `embed(token_ids (batch, seq), start_index, position_ids=None) ->
+            (batch, seq, hidden)`; `position_ids` `(batch, seq)` is given for
+            left-padded batches (a model with relative positions may ignore it).
         blocks: the model's `EarlyExitBlock`s in order; each wraps a `TransformerBlock`
             (its `attention_norm` and `self_attention.project_kv` serve the frozen mode).
         max_length: longest sequence (prompt + generated).
@@ -101,8 +152,9 @@ class DecoderAdapter:
         token_embedding = model.token_embedding
         positions = model.get_layer("position_embedding")
 
-        def embed(token_ids, start_index):
-            return positions(token_embedding(token_ids, mode="embed"), start_index=start_index)
+        def embed(token_ids, start_index, position_ids=None):
+            embedded = token_embedding(token_ids, mode="embed")
+            return positions(embedded, start_index=start_index, position_ids=position_ids)
 
         return cls(embed, model.blocks, model.gpt_config.max_length)
 
@@ -110,8 +162,33 @@ class DecoderAdapter:
     def num_layers(self) -> int:
         return len(self.blocks)
 
+    @property
+    def vocab_size(self) -> int:
+        return self.output_embedding.vocab_size
+
     def decision_layers(self, policy: ExitPolicy) -> tuple:
-        """The segment ends of a step: the policy's decision exits plus the final layer."""
+        """The segment ends of a step: the policy's decision exits plus the final layer.
+
+        Also checks that the policy can run on this model (a `learned` criterion needs a
+        `LearnedExitGate` on every decision exit).
+        """
+        layers = self._decision_layers(policy)
+        if policy.criterion == "learned" and policy.mode != "full":
+            missing = [
+                end
+                for end in layers[:-1]
+                if getattr(self.blocks[end - 1], "learned_gate", None) is None
+            ]
+            if missing:
+                raise ValueError(
+                    f"criterion 'learned' needs a LearnedExitGate on every decision exit; "
+                    f"exits {missing} have none (add them with "
+                    f"toex_tf.models.add_learned_gates and train them with "
+                    f"toex_tf.training.gate_training.fit_learned_gates)."
+                )
+        return layers
+
+    def _decision_layers(self, policy: ExitPolicy) -> tuple:
         if policy.decision_layers is None:
             return self.exit_layers
         missing = sorted(set(policy.decision_layers) - set(self.exit_layers))
@@ -134,26 +211,75 @@ class DecoderAdapter:
         return states, filled
 
 
-def prefill(adapter: DecoderAdapter, prompt, caches):
+def _block_call(adapter, index, hidden, caches, position, padding):
+    """Runs block `index` over `hidden` at `position`, writing its cache."""
+    key_mask = None if padding is None else padding[0]
+    return adapter.blocks[index].block(
+        hidden, padding_mask=key_mask, cache=caches[index], cache_update_index=position
+    )
+
+
+def _embed(adapter, token_ids, position, padding):
+    """Token embeddings at `position`; per-row positions for a left-padded batch."""
+    if padding is None:
+        return adapter.embed(token_ids, position)
+    seq = ops.shape(token_ids)[1]
+    columns = ops.cast(position, "int32") + ops.arange(seq, dtype="int32")[None, :]
+    return adapter.embed(token_ids, position, position_ids=columns - padding[1][:, None])
+
+
+def prefill(adapter: DecoderAdapter, prompt, caches, padding=None):
     """Runs the prompt through every layer, filling the caches at positions `[0, P)`.
+
+    Args:
+        padding: None, or `(key_mask, offsets)` from `padding_state`: a left-padded batch.
 
     Returns:
         `(logits (batch, vocab) of the last prompt position at full depth, caches)`.
     """
-    hidden = adapter.embed(prompt, 0)
+    hidden = _embed(adapter, prompt, 0, padding)
     caches = list(caches)
-    for index, block in enumerate(adapter.blocks):
-        hidden, caches[index] = block.block(hidden, cache=caches[index], cache_update_index=0)
+    for index in range(adapter.num_layers):
+        hidden, caches[index] = _block_call(adapter, index, hidden, caches, 0, padding)
     logits = adapter.blocks[-1].exit_logits(hidden[:, -1:])
     return logits[:, 0], caches
 
 
-def _run_layers(adapter, layers, hidden, caches, position):
+def padding_state(padding_mask, cache_length: int):
+    """`(key_mask (batch, cache_length) bool, offsets (batch,) int32)` of a left-padded batch.
+
+    `offsets` is each row's pad count: its first real token sits at column `offsets[b]`
+    and has position 0. Columns past the prompt (generated tokens) are never masked.
+    """
+    mask = ops.cast(padding_mask, "bool")
+    batch, prompt_length = ops.shape(mask)[0], ops.shape(mask)[1]
+    rest = ops.ones((batch, cache_length - prompt_length), "bool")
+    offsets = prompt_length - ops.sum(ops.cast(mask, "int32"), axis=1)
+    return ops.concatenate([mask, rest], axis=1), ops.cast(offsets, "int32")
+
+
+def pad_prompts(prompts, pad_id: int = 0):
+    """Left-pads token-id lists of different lengths: `(prompt, padding_mask)` int32 arrays.
+
+    Left padding keeps every row's last prompt token in the last column, so one decode
+    position serves the whole batch.
+    """
+    rows = [list(row) for row in prompts]
+    if not rows or any(len(row) == 0 for row in rows):
+        raise ValueError("pad_prompts needs at least one prompt and no empty prompt.")
+    length = max(len(row) for row in rows)
+    prompt = np.full((len(rows), length), pad_id, "int32")
+    mask = np.zeros((len(rows), length), "int32")
+    for index, row in enumerate(rows):
+        prompt[index, length - len(row) :] = row
+        mask[index, length - len(row) :] = 1
+    return prompt, mask
+
+
+def _run_layers(adapter, layers, hidden, caches, position, padding):
     caches = list(caches)
     for index in layers:
-        hidden, caches[index] = adapter.blocks[index].block(
-            hidden, cache=caches[index], cache_update_index=position
-        )
+        hidden, caches[index] = _block_call(adapter, index, hidden, caches, position, padding)
     return hidden, caches
 
 
@@ -169,7 +295,7 @@ def _propagate_kv(adapter, layers, hidden, caches, position):
     return caches
 
 
-def _lazy_chunk(adapter, layers, caches, lazy, position, width):
+def _lazy_chunk(adapter, layers, caches, lazy, position, width, padding=None):
     """Lazy mode: runs `layers` over the pending positions plus `position`, in one pass.
 
     Pending positions at a layer always form the run `[filled[l], position)`, so one
@@ -184,9 +310,7 @@ def _lazy_chunk(adapter, layers, caches, lazy, position, width):
     for index in layers:
         start = filled[index]
         window = ops.slice(states, (zero, start, zero), (batch, width, hidden_dim))
-        window, caches[index] = adapter.blocks[index].block(
-            window, cache=caches[index], cache_update_index=start
-        )
+        window, caches[index] = _block_call(adapter, index, window, caches, start, padding)
         states = ops.slice_update(states, (zero, start, zero), window)
     filled = _mark_filled(filled, layers, position)
     hidden = ops.slice(states, (zero, position, zero), (batch, 1, hidden_dim))
@@ -208,31 +332,80 @@ def _write_state(lazy, hidden, position):
     return states, filled
 
 
-def decode_step(adapter: DecoderAdapter, policy: ExitPolicy, token_ids, position, caches, lazy=()):
+def _exit_confidence(policy, gate, block, normed, hidden, memory, first):
+    """Confidence `(batch,)` of one decision exit, and the criterion's memory for the next.
+
+    `memory` carries what a criterion compares across the decision exits of one step:
+    the previous hidden state (saturation), cheap-head log-probs (kl), or top-1 and
+    streak (patience). It is None before the first decision for kl and patience.
+    """
+    criterion = policy.criterion
+    if criterion == "learned":
+        return ops.cast(block.learned_gate(normed), "float32")[:, 0], memory
+    if criterion == "saturation":
+        current = ops.cast(hidden[:, 0], "float32")
+        previous = memory
+        dot = ops.sum(current * previous, axis=-1)
+        norms = ops.sqrt(ops.sum(current * current, -1) * ops.sum(previous * previous, -1))
+        return ops.clip(dot / (norms + 1e-12), 0.0, 1.0), current
+    cheap = block.output_embedding(normed, mode="cheap_logits")
+    if criterion in CRITERIA:
+        return gate.confidence(cheap)[:, 0], memory
+    if criterion == "kl":
+        log_probs = ops.log_softmax(ops.cast(cheap[:, 0], "float32"), axis=-1)
+        if first:
+            return ops.zeros_like(log_probs[:, 0]), log_probs
+        divergence = ops.sum(ops.exp(log_probs) * (log_probs - memory), axis=-1)
+        return ops.exp(-ops.maximum(divergence, 0.0)), log_probs
+    # patience
+    top = ops.cast(ops.argmax(cheap[:, 0], axis=-1), "int32")
+    if first:
+        streak = ops.zeros_like(top)
+    else:
+        previous_top, streak = memory
+        streak = ops.where(ops.equal(top, previous_top), streak + 1, 0)
+    confidence = ops.minimum(ops.cast(streak, "float32") / float(policy.patience), 1.0)
+    return confidence, (top, streak)
+
+
+def decode_step(
+    adapter: DecoderAdapter,
+    policy: ExitPolicy,
+    token_ids,
+    position,
+    caches,
+    lazy=(),
+    padding=None,
+):
     """One token per row through the layers, with exits.
 
     Args:
         adapter: the model.
         policy: mode, criterion and threshold.
         token_ids: int `(batch, 1)`, the tokens at `position`.
-        position: scalar, their absolute position.
+        position: scalar, their absolute position (the column; shared by the batch).
         caches: one KV cache per layer (`max_length + policy.max_pending` long in lazy
             mode, see `empty_state`).
         lazy: lazy mode only: `(states, filled)`, each position's latest hidden state
             `(batch, max_length + max_pending, hidden)` and per-layer fill pointers
             `(layers,)`.
+        padding: None, or `(key_mask, offsets)` of a left-padded batch (`padding_state`).
 
     Returns:
         `(logits (batch, vocab), exit_layer (batch,) int32, caches, lazy, depth)`: the
         logits of the exit each row took, its 1-based layer, the updated state, and how
         many layers this step ran (a lazy catch-up window counts as one pass per layer).
     """
-    gate = TopKConfidenceGate(criterion=policy.criterion)
-    hidden = adapter.embed(token_ids, position)
+    gate = TopKConfidenceGate(
+        criterion=policy.criterion if policy.criterion in CRITERIA else "max_prob"
+    )
+    hidden = _embed(adapter, token_ids, position, padding)
     batch = ops.shape(hidden)[0]
     num_layers = adapter.num_layers
     mode = policy.mode
     width = policy.max_pending
+    row_positions = ops.cast(position, "int32") - (0 if padding is None else padding[1])
+    threshold = policy.threshold_at(row_positions, adapter.max_length)
     decided = ops.zeros((batch,), "bool")
     exit_layer = ops.full((batch,), num_layers, "int32")
     chosen = ops.zeros_like(hidden)  # normed hidden state of the exit each row took
@@ -246,29 +419,30 @@ def decode_step(adapter: DecoderAdapter, policy: ExitPolicy, token_ids, position
         lazy = _write_state(lazy, hidden, position)
         # Skipping now would leave `width` tokens pending at the deepest layer: go deep.
         force = ops.greater_equal(ops.cast(position, "int32") + 1 - lazy[1][-1], width)
-    state = (hidden, list(caches), decided, exit_layer, chosen, lazy)
+    memory = ops.cast(hidden[:, 0], "float32") if policy.criterion == "saturation" else None
+    state = (hidden, list(caches), decided, exit_layer, chosen, lazy, memory)
     start = 0
     for segment, end in enumerate(adapter.decision_layers(policy)):
         layers = list(range(start, end))
         block = adapter.blocks[end - 1]
 
         def compute(state, segment=segment, layers=layers, block=block, end=end):
-            hidden, caches, decided, exit_layer, chosen, lazy = state
+            hidden, caches, decided, exit_layer, chosen, lazy, memory = state
             if mode == "lazy" and segment > 0:
                 pending = ops.cast(position, "int32") - lazy[1][layers[0]]
 
                 def one_token(hidden=hidden, caches=caches, lazy=lazy):
-                    hidden, caches = _run_layers(adapter, layers, hidden, caches, position)
+                    hidden, caches = _run_layers(adapter, layers, hidden, caches, position, padding)
                     lazy = _write_state(lazy, hidden, position)
                     return hidden, caches, (lazy[0], _mark_filled(lazy[1], layers, position))
 
                 hidden, caches, lazy = ops.cond(
                     ops.equal(pending, 0),
                     one_token,
-                    lambda: _lazy_chunk(adapter, layers, caches, lazy, position, width),
+                    lambda: _lazy_chunk(adapter, layers, caches, lazy, position, width, padding),
                 )
             else:
-                hidden, caches = _run_layers(adapter, layers, hidden, caches, position)
+                hidden, caches = _run_layers(adapter, layers, hidden, caches, position, padding)
                 if mode == "lazy":
                     lazy = _write_state(lazy, hidden, position)
                     lazy = (lazy[0], _mark_filled(lazy[1], layers, position))
@@ -276,23 +450,23 @@ def decode_step(adapter: DecoderAdapter, policy: ExitPolicy, token_ids, position
             normed = block.exit_norm(hidden)
             if end == num_layers:
                 chosen = ops.where(decided[:, None, None], chosen, normed)
-                return hidden, caches, decided, exit_layer, chosen, lazy
+                return hidden, caches, decided, exit_layer, chosen, lazy, memory
             if mode == "full":
-                return hidden, caches, decided, exit_layer, chosen, lazy
-            cheap = block.output_embedding(normed, mode="cheap_logits")
-            confidence = gate.confidence(cheap)[:, 0]
-            newly = ops.logical_and(
-                ops.greater(confidence, policy.threshold), ops.logical_not(decided)
+                return hidden, caches, decided, exit_layer, chosen, lazy, memory
+            confidence, memory = _exit_confidence(
+                policy, gate, block, normed, hidden, memory, first=segment == 0
             )
+            newly = ops.logical_and(ops.greater(confidence, threshold), ops.logical_not(decided))
             chosen = ops.where(newly[:, None, None], normed, chosen)
             exit_layer = ops.where(newly, end, exit_layer)
-            return hidden, caches, ops.logical_or(decided, newly), exit_layer, chosen, lazy
+            decided = ops.logical_or(decided, newly)
+            return hidden, caches, decided, exit_layer, chosen, lazy, memory
 
         def skip(state, layers=layers):
-            hidden, caches, decided, exit_layer, chosen, lazy = state
+            hidden, caches, decided, exit_layer, chosen, lazy, memory = state
             if mode == "frozen":
                 caches = _propagate_kv(adapter, layers, hidden, caches, position)
-            return hidden, list(caches), decided, exit_layer, chosen, lazy
+            return hidden, list(caches), decided, exit_layer, chosen, lazy, memory
 
         if segment > 0 and mode in ("frozen", "lazy"):
             can_skip = ops.logical_and(ops.all(state[2]), ops.logical_not(force))
@@ -305,7 +479,7 @@ def decode_step(adapter: DecoderAdapter, policy: ExitPolicy, token_ids, position
             state = compute(state)
         state = (state[0], list(state[1]), *state[2:])
         start = end
-    hidden, caches, decided, exit_layer, chosen, lazy = state
+    hidden, caches, decided, exit_layer, chosen, lazy, _ = state
     logits = adapter.output_embedding(chosen, mode="logits")
     # Layers this step ran: skipping starts once the last row has exited (batch policy),
     # unless lazy mode had to go deep to bound the pending work.
@@ -315,7 +489,9 @@ def decode_step(adapter: DecoderAdapter, policy: ExitPolicy, token_ids, position
     return logits[:, 0], exit_layer, caches, lazy, depth
 
 
-def flush_lazy(adapter: DecoderAdapter, policy: ExitPolicy, caches, lazy, next_position):
+def flush_lazy(
+    adapter: DecoderAdapter, policy: ExitPolicy, caches, lazy, next_position, padding=None
+):
     """Lazy mode: computes every pending position (below `next_position`) at every layer.
 
     After it, each layer's cache at positions `< next_position` is exact.
@@ -323,7 +499,9 @@ def flush_lazy(adapter: DecoderAdapter, policy: ExitPolicy, caches, lazy, next_p
     caches = list(caches)
     position = ops.cast(next_position, "int32") - 1
     for index in range(adapter.num_layers):
-        _, caches, lazy = _lazy_chunk(adapter, [index], caches, lazy, position, policy.max_pending)
+        _, caches, lazy = _lazy_chunk(
+            adapter, [index], caches, lazy, position, policy.max_pending, padding
+        )
     return caches, lazy
 
 
@@ -391,6 +569,7 @@ def generate(
     stop_token_ids=(),
     seed: int = 0,
     return_state: bool = False,
+    padding_mask=None,
 ):
     """Generates up to `max_new_tokens` per row with one compiled-friendly loop.
 
@@ -399,7 +578,8 @@ def generate(
 
     Args:
         adapter: the model (`DecoderAdapter.from_gpt(model)`).
-        prompt: int `(batch, prompt_length)`; every row has the same length.
+        prompt: int `(batch, prompt_length)`. Prompts of different lengths are
+            left-padded, with `padding_mask` (`pad_prompts` makes both).
         max_new_tokens: int > 0.
         policy: the exit policy; default: full depth.
         sampling: `"greedy"` or `"sample"` (with `temperature`, `top_k`, `top_p`).
@@ -409,18 +589,26 @@ def generate(
         return_state: also return a dict with `caches`, `lazy` (state), `next_position`
             (the first position not yet fed), `steps` (decode steps run: one per token
             but the last) and `layers_run` (layers summed over those steps).
+        padding_mask: optional `(batch, prompt_length)`, 1/True for real tokens, 0 for
+            left padding. None: every prompt token is real.
 
     Returns:
         `(token_ids (batch, max_new_tokens), exit_layers (batch, max_new_tokens))`;
         exit layers are 1-based, 0 after a row stopped.
     """
     policy = policy or ExitPolicy()
-    _validate(adapter, prompt, max_new_tokens, sampling, temperature, top_k, top_p)
+    adapter.decision_layers(policy)  # checks the policy against the model
+    prompt = _validate(
+        adapter, prompt, max_new_tokens, sampling, temperature, top_k, top_p, padding_mask
+    )
     prompt = ops.cast(ops.convert_to_tensor(prompt), "int32")
     batch, prompt_length = ops.shape(prompt)[0], ops.shape(prompt)[1]
     extra = policy.max_pending if policy.mode == "lazy" else 0
     caches = adapter.empty_caches(batch, extra)
-    logits, caches = prefill(adapter, prompt, caches)
+    padding = None
+    if padding_mask is not None:
+        padding = padding_state(padding_mask, adapter.max_length + extra)
+    logits, caches = prefill(adapter, prompt, caches, padding)
     lazy = ()
     if policy.mode == "lazy":
         hidden_dim = adapter.output_embedding.hidden_dim
@@ -451,7 +639,7 @@ def generate(
     def body(step, tokens, exits, finished, logits, last_exit, caches, lazy, layers_run):
         next_ids, tokens, exits, finished = emit(step, tokens, exits, finished, logits, last_exit)
         logits, last_exit, caches, lazy, depth = decode_step(
-            adapter, policy, next_ids[:, None], prompt_length + step, caches, lazy
+            adapter, policy, next_ids[:, None], prompt_length + step, caches, lazy, padding
         )
         layers_run = layers_run + depth
         return (
@@ -487,12 +675,39 @@ def generate(
     return tokens, exits
 
 
-def _validate(adapter, prompt, max_new_tokens, sampling, temperature, top_k, top_p):
+def _validate(
+    adapter, prompt, max_new_tokens, sampling, temperature, top_k, top_p, padding_mask=None
+):
+    """Checks generation arguments at the boundary; returns the prompt as an array."""
+    if isinstance(prompt, (list, tuple)):
+        lengths = (
+            sorted({len(row) for row in prompt})
+            if all(isinstance(row, (list, tuple, np.ndarray)) for row in prompt)
+            else []
+        )
+        if len(lengths) > 1 and padding_mask is None:
+            raise ValueError(
+                f"prompt rows have different lengths {lengths} and no padding_mask was "
+                f"given: left-pad them with toex_tf.inference.pad_prompts(prompts), which "
+                f"returns the prompt and its padding_mask."
+            )
+        prompt = np.asarray(prompt)
     shape = tuple(prompt.shape)
     if len(shape) != 2:
         raise ValueError(f"prompt must be (batch, length) token ids; got shape {shape}.")
     if shape[1] == 0:
         raise ValueError("prompt is empty: give at least one token.")
+    dtype = str(getattr(prompt, "dtype", ""))
+    if dtype and "int" not in dtype:
+        raise TypeError(f"prompt must hold integer token ids; got dtype {dtype}.")
+    concrete = _concrete(prompt)
+    if concrete is not None and concrete.size:
+        low, high = int(concrete.min()), int(concrete.max())
+        if low < 0 or high >= adapter.vocab_size:
+            raise ValueError(
+                f"prompt ids must be in [0, {adapter.vocab_size}) (the vocabulary); got ids "
+                f"from {low} to {high}."
+            )
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
         raise TypeError(f"max_new_tokens must be an int; got {max_new_tokens!r}.")
     if max_new_tokens <= 0:
@@ -508,4 +723,43 @@ def _validate(adapter, prompt, max_new_tokens, sampling, temperature, top_k, top
         raise ValueError(
             f"need temperature > 0, top_k >= 0 and top_p in (0, 1]; got {temperature}, "
             f"{top_k}, {top_p}."
+        )
+    if padding_mask is not None:
+        _validate_padding_mask(padding_mask, shape)
+    return prompt
+
+
+def _concrete(value):
+    """`value` as a numpy array when it holds concrete values (not a traced tensor)."""
+    try:
+        return np.asarray(value)
+    except Exception:  # noqa: BLE001 - symbolic tensors (tf.function, jax.jit) have no values
+        return None
+
+
+def _validate_padding_mask(padding_mask, prompt_shape):
+    mask_shape = tuple(padding_mask.shape) if hasattr(padding_mask, "shape") else None
+    if mask_shape is None:
+        padding_mask = np.asarray(padding_mask)
+        mask_shape = padding_mask.shape
+    if tuple(mask_shape) != tuple(prompt_shape):
+        raise ValueError(
+            f"padding_mask must have the prompt's shape {tuple(prompt_shape)}; got "
+            f"{tuple(mask_shape)}."
+        )
+    mask = _concrete(padding_mask)
+    if mask is None:
+        return
+    mask = mask.astype(bool)
+    if not mask[:, -1].all():
+        raise ValueError(
+            "padding_mask must mark left padding: every row's last prompt token must be real "
+            f"(rows {np.flatnonzero(~mask[:, -1]).tolist()} end in padding). Use pad_prompts."
+        )
+    # Left padding: once a row's real tokens start, they continue to the end.
+    if (np.diff(mask.astype(int), axis=1) < 0).any():
+        rows = np.flatnonzero((np.diff(mask.astype(int), axis=1) < 0).any(axis=1)).tolist()
+        raise ValueError(
+            f"padding_mask rows {rows} have padding between real tokens; only left padding "
+            "is supported (pad_prompts makes it)."
         )

@@ -12,7 +12,14 @@ batch's smallest accepted length, which keeps every row exact.
 
 from keras import ops
 
-from toex_tf.inference.decoding import DecoderAdapter, _validate, prefill
+from toex_tf.inference.decoding import (
+    DecoderAdapter,
+    _block_call,
+    _embed,
+    _validate,
+    padding_state,
+    prefill,
+)
 
 
 def generate_speculative(
@@ -22,6 +29,7 @@ def generate_speculative(
     draft_layer: int,
     draft_length: int = 4,
     return_state: bool = False,
+    padding_mask=None,
 ):
     """Greedy generation, identical to full depth, with self-speculative drafts.
 
@@ -32,6 +40,8 @@ def generate_speculative(
         draft_layer: 1-based exit layer that drafts (it must carry an exit head).
         draft_length: drafted tokens per round, >= 1.
         return_state: also return a dict with `rounds` and `accepted` (drafts kept).
+        padding_mask: optional `(batch, prompt_length)` of a left-padded batch (see
+            `generate`).
 
     Returns:
         `(token_ids, exit_layers)`, each `(batch, max_new_tokens)`: the exit layer is
@@ -44,13 +54,16 @@ def generate_speculative(
         )
     if isinstance(draft_length, bool) or not isinstance(draft_length, int) or draft_length < 1:
         raise ValueError(f"draft_length must be an int >= 1; got {draft_length!r}.")
-    _validate(adapter, prompt, max_new_tokens, "greedy", 1.0, 0, 1.0)
+    prompt = _validate(adapter, prompt, max_new_tokens, "greedy", 1.0, 0, 1.0, padding_mask)
     prompt = ops.cast(ops.convert_to_tensor(prompt), "int32")
     batch, prompt_length = ops.shape(prompt)[0], ops.shape(prompt)[1]
     num_layers = adapter.num_layers
     width = draft_length
     caches = adapter.empty_caches(batch, extra=width + 1)
-    logits, caches = prefill(adapter, prompt, caches)
+    padding = None
+    if padding_mask is not None:
+        padding = padding_state(padding_mask, adapter.max_length + width + 1)
+    logits, caches = prefill(adapter, prompt, caches, padding)
     first = ops.cast(ops.argmax(logits, axis=-1), "int32")[:, None]
     tokens = ops.zeros((batch, max_new_tokens + width), "int32")
     exits = ops.zeros((batch, max_new_tokens + width), "int32")
@@ -69,10 +82,10 @@ def generate_speculative(
         drafts, states = [], []
         token = current
         for step in range(width):
-            hidden = adapter.embed(token, position + step)
+            hidden = _embed(adapter, token, position + step, padding)
             for index in range(draft_layer):
-                hidden, caches[index] = adapter.blocks[index].block(
-                    hidden, cache=caches[index], cache_update_index=position + step
+                hidden, caches[index] = _block_call(
+                    adapter, index, hidden, caches, position + step, padding
                 )
             states.append(hidden)
             token = ops.cast(ops.argmax(draft_block.exit_logits(hidden)[:, 0], -1), "int32")
@@ -81,9 +94,7 @@ def generate_speculative(
         drafts = ops.concatenate(drafts, axis=1)  # predictions for position + 1 ..
         hidden = ops.concatenate(states, axis=1)  # layer-k states of position ..
         for index in upper:
-            hidden, caches[index] = adapter.blocks[index].block(
-                hidden, cache=caches[index], cache_update_index=position
-            )
+            hidden, caches[index] = _block_call(adapter, index, hidden, caches, position, padding)
         verified = ops.cast(ops.argmax(adapter.blocks[-1].exit_logits(hidden), -1), "int32")
         agree = ops.cast(ops.equal(drafts, verified), "int32")
         kept = ops.min(ops.sum(ops.cumprod(agree, axis=1), axis=1))  # batch-wide prefix

@@ -18,9 +18,14 @@ class PositionEmbedding(keras.layers.Layer):
     Call arguments:
         inputs: `(batch, seq, hidden)`.
         start_index: int or scalar tensor, position of `inputs[:, 0]` (for decoding).
+        position_ids: optional int `(batch, seq)`, each token's own position (a batch of
+            left-padded prompts: a row's first real token is position 0). Ids are
+            clipped to `[0, max_length)`, so pad slots with negative ids stay in range.
+            Overrides `start_index`.
 
     Returns:
-        `inputs` plus the embeddings of positions `start_index .. start_index + seq - 1`.
+        `inputs` plus the embeddings of positions `start_index .. start_index + seq - 1`
+        (or of `position_ids`).
 
     Example:
     >>> positions = PositionEmbedding(max_length=128)
@@ -44,7 +49,12 @@ class PositionEmbedding(keras.layers.Layer):
             initializer=self.initializer,
         )
 
-    def call(self, inputs, start_index=0):
+    def call(self, inputs, start_index=0, position_ids=None):
+        if position_ids is not None:
+            ids = ops.clip(ops.cast(position_ids, "int32"), 0, self.max_length - 1)
+            # JAX cannot gather from a Keras Variable directly.
+            table = ops.convert_to_tensor(self.embeddings)
+            return inputs + ops.cast(ops.take(table, ids, axis=0), inputs.dtype)
         seq = inputs.shape[1]
         if isinstance(seq, int) and isinstance(start_index, int):
             if start_index + seq > self.max_length:
@@ -60,7 +70,7 @@ class PositionEmbedding(keras.layers.Layer):
         )
         return inputs + ops.cast(positions, inputs.dtype)[None]
 
-    def compute_output_spec(self, inputs, start_index=0):
+    def compute_output_spec(self, inputs, start_index=0, position_ids=None):
         return keras.KerasTensor(inputs.shape, inputs.dtype)
 
     def get_config(self):
