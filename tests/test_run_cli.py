@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -124,6 +125,17 @@ def test_train_and_eval_writes_model_results_and_logs(tmp_path):
         (["--decode_threshold=1.5"], "--decode_threshold"),
         (["--decode_mode=teleport"], "--decode_mode"),
         (["--mode=generate"], "needs --prompt"),
+        (["--benchmark_modes=lazy,warp"], "--benchmark_modes must be a subset"),
+        (["--benchmark_batches=1,0"], "--benchmark_batches must be positive integers"),
+        (["--benchmark_thresholds=2"], "--benchmark_thresholds must be numbers in [0, 1]"),
+        (["--benchmark_speculative=1-4"], "--benchmark_speculative must be draft_layer:"),
+        (["--target_agreement=0"], "--target_agreement must be in (0, 1]"),
+        (["--calibration_delta=1"], "--calibration_delta must be in (0, 1)"),
+        (["--calibration_method=bayes"], "--calibration_method"),
+        (["--calibration_thresholds=0.5,-1"], "--calibration_thresholds must be numbers"),
+        (["--mode=calibrate", "--decode_mode=speculative"], "needs an exiting --decode_mode"),
+        (["--mode=benchmark"], "no model at"),
+        (["--mode=calibrate"], "no model at"),
     ],
 )
 def test_bad_flags_fail_with_a_clear_message(tmp_path, args, message):
@@ -169,3 +181,148 @@ def test_missing_or_corrupt_model_and_checkpoint(tmp_path):
     assert result.returncode != 0
     assert "optimizer.npz" in result.stderr and "corrupt" in result.stderr
     assert checkpoint.exists(), "a corrupt checkpoint is reported, never deleted"
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory):
+    """A tiny trained model, its tokenizer and corpus; tests copy it before writing."""
+    root = tmp_path_factory.mktemp("trained")
+    glob = _write_corpus(root / "corpus")
+    out = root / "out"
+    result = _run(*TINY, f"--dataset=text:{glob}", f"--output_dir={out}", "--mode=train")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return glob, out
+
+
+def _copy(trained, tmp_path):
+    glob, out = trained
+    shutil.copytree(out, tmp_path / "out")
+    return [*TINY, f"--dataset=text:{glob}", f"--output_dir={tmp_path / 'out'}"]
+
+
+def test_benchmark_writes_rows_plot_and_table(trained_tiny, tmp_path):
+    args = _copy(trained_tiny, tmp_path)
+    result = _run(
+        *args,
+        "--mode=benchmark",
+        "--prompt_length=8",
+        "--benchmark_new_tokens=8",
+        "--benchmark_batches=1,2",
+        "--benchmark_thresholds=0.0,1.0",
+        "--benchmark_repeats=1",
+        "--benchmark_speculative=1:2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    assert (out / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
+    record = json.loads((out / "benchmark.json").read_text())
+    assert set(record) == {"model", "settings", "rows"}
+    assert record["settings"]["batches"] == [1, 2] and record["model"]["num_layers"] == 2
+    rows = record["rows"]
+    # Per batch: full, 2 modes x 2 thresholds, 1 speculative setting.
+    assert len(rows) == 2 * (1 + 4 + 1)
+    fields = {
+        "mode",
+        "criterion",
+        "threshold",
+        "batch",
+        "tokens_per_s",
+        "full_tokens_per_s",
+        "measured_speedup",
+        "ideal_speedup",
+        "realized_over_ideal",
+        "avg_layers",
+        "backend",
+        "device",
+    }
+    for row in rows:
+        assert fields <= set(row) and row["tokens_per_s"] > 0 and row["backend"] == "tensorflow"
+        assert row["measured_speedup"] == pytest.approx(
+            row["tokens_per_s"] / row["full_tokens_per_s"]
+        )
+    full = [r for r in rows if r["mode"] == "full"]
+    assert [r["batch"] for r in full] == [1, 2]
+    assert all(r["measured_speedup"] == 1.0 and r["avg_layers"] == 2.0 for r in full)
+    never = [r for r in rows if r["threshold"] == 1.0]
+    always = [r for r in rows if r["threshold"] == 0.0]
+    assert {r["mode"] for r in never} == {"frozen", "lazy"}
+    # Never exiting runs every layer and pays the checks; exiting at once runs one layer.
+    assert all(r["avg_layers"] == 2.0 and r["ideal_speedup"] < 1.0 for r in never)
+    assert all(r["avg_layers"] == 1.0 and r["ideal_speedup"] > 1.0 for r in always)
+    spec = [r for r in rows if r["mode"] == "speculative"]
+    assert len(spec) == 2 and all(r["draft_layer"] == 1 for r in spec)
+    assert "realized" in result.stdout and "benchmark.json" in result.stdout
+    log = [json.loads(line) for line in (out / "config_log.jsonl").read_text().splitlines()]
+    assert log[-1]["flags"]["mode"] == "benchmark" and log[-1]["benchmark"] == rows
+
+    too_long = _run(*args, "--mode=benchmark", "--prompt_length=30", "--benchmark_new_tokens=8")
+    assert too_long.returncode != 0 and "Traceback" not in too_long.stderr
+    assert "exceeds the model's max_length=32" in too_long.stderr, too_long.stderr[-2000:]
+
+
+def test_calibrate_writes_the_chosen_threshold(trained_tiny, tmp_path):
+    args = _copy(trained_tiny, tmp_path)
+    common = [
+        "--mode=calibrate",
+        "--prompt_length=8",
+        "--max_new_tokens=8",
+        "--calibration_prompts=6",
+        "--calibration_batch_size=3",
+        "--calibration_thresholds=0.0,0.5",
+        "--decode_mode=frozen",
+    ]
+    out = tmp_path / "out"
+    for method, target in (("empirical", 0.5), ("ltt", 0.99)):
+        result = _run(
+            *args, *common, f"--calibration_method={method}", f"--target_agreement={target}"
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        record = json.loads((out / "calibration.json").read_text())
+        assert set(record) == {"model", "settings", "calibration"}
+        assert record["settings"]["mode"] == "frozen"
+        assert record["settings"]["num_prompts"] == 6
+        calibration = record["calibration"]
+        assert calibration["method"] == method and calibration["target_agreement"] == target
+        rows = calibration["rows"]
+        assert [r["threshold"] for r in rows] == [1.0, 0.5, 0.0]
+        assert rows[0]["agreement"] == 1.0 and rows[0]["avg_layers"] == 2.0
+        assert rows[-1]["avg_layers"] == 1.0  # threshold 0: every token exits at layer 1
+        assert calibration["threshold"] in (1.0, 0.5, 0.0)
+        chosen = next(r for r in rows if r["threshold"] == calibration["threshold"])
+        assert calibration["agreement"] == chosen["agreement"]
+        assert f"Chosen threshold: {calibration['threshold']:g}" in result.stdout
+        if method == "empirical":
+            assert calibration["guaranteed"] is None
+            assert calibration["agreement"] >= target
+            cheaper = [r for r in rows if r["avg_layers"] < calibration["avg_layers"]]
+            assert all(r["agreement"] < target for r in cheaper)
+        else:
+            # Six prompts cannot certify a 1% risk: Learn-then-Test falls back to 1.0.
+            assert calibration["guaranteed"] is False and calibration["threshold"] == 1.0
+            assert all(r["p_value"] is not None for r in rows)
+    log = [json.loads(line) for line in (out / "config_log.jsonl").read_text().splitlines()]
+    assert log[-1]["calibration"] == calibration
+
+
+class _PieceTokenizer:
+    """SentencePiece-like: "▁" marks a word start, and decoding drops the leading space."""
+
+    pieces = ["▁the", "▁cat", "▁sat", "s", "▁on"]
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids).replace("▁", " ").lstrip(" ")
+
+
+def test_generated_text_keeps_the_space_before_its_first_word():
+    from toex_tf.data import ByteTokenizer
+    from toex_tf.tf_jobs import decode_continuation
+
+    tokenizer = _PieceTokenizer()
+    assert tokenizer.decode([2, 3]) == "sats"  # the wart: decoded alone, no leading space
+    text, pieces = decode_continuation(tokenizer, [0, 1], [2, 3, 4])
+    assert text == " sats on" and pieces == [" sat", "s", " on"]
+    assert decode_continuation(tokenizer, [0], []) == ("", [])
+    # Bytes of one character: the token that completes it carries it.
+    byte = ByteTokenizer()
+    text, pieces = decode_continuation(byte, byte.encode("h"), byte.encode("é!"))
+    assert text == "é!" and pieces == ["", "é", "!"]

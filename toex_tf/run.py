@@ -6,6 +6,11 @@ Modes:
     train_and_eval   both
     generate         --prompt text → generated text and each token's exit layer, as JSON
                      (also OUTPUT_DIR/generate.json)
+    benchmark        decode speed (tokens/s, measured and ideal speedup) of exit modes
+                     against full depth on held-out prompts → benchmark.json, benchmark.png
+    calibrate        the cheapest --decode_mode threshold whose output agrees with full
+                     depth on held-out prompts (empirical or Learn-then-Test)
+                     → calibration.json
 
 This is the only module that knows about absl flags; it turns them into the dataclasses
 of `toex_tf.config` and calls the library.
@@ -33,9 +38,8 @@ from toex_tf.layers.top_k_confidence_gate import CRITERIA  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_enum(
-    "mode", "train_and_eval", ["train", "eval", "train_and_eval", "generate"], "What to run."
-)
+MODES = ["train", "eval", "train_and_eval", "generate", "benchmark", "calibrate"]
+flags.DEFINE_enum("mode", "train_and_eval", MODES, "What to run.")
 flags.DEFINE_string("output_dir", None, "Where the model, results and logs go.")
 flags.DEFINE_enum("model", "gpt", ["gpt"], "Model family.")
 flags.DEFINE_enum("preset", "quickstart", sorted(PRESETS), "Named model size.")
@@ -92,7 +96,9 @@ flags.DEFINE_enum(
 
 
 flags.DEFINE_string("prompt", None, "--mode=generate: the prompt text.")
-flags.DEFINE_integer("max_new_tokens", 64, "--mode=generate: tokens to generate.", lower_bound=1)
+flags.DEFINE_integer(
+    "max_new_tokens", 64, "--mode=generate/calibrate: tokens to generate.", lower_bound=1
+)
 flags.DEFINE_enum(
     "decode_mode", "lazy", ["full", "unfrozen", "frozen", "lazy", "speculative"], "Exit mode."
 )
@@ -104,6 +110,33 @@ flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all)
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.", 1e-6, 1.0)
 flags.DEFINE_integer("draft_layer", 1, "Speculative mode: the drafting exit layer.", 1)
 flags.DEFINE_integer("draft_length", 4, "Speculative mode: drafts per round.", 1)
+
+flags.DEFINE_integer(
+    "prompt_length", 32, "--mode=benchmark/calibrate: tokens per held-out prompt.", 1
+)
+flags.DEFINE_list("benchmark_modes", ["frozen", "lazy"], "Exit modes to time against full.")
+flags.DEFINE_list("benchmark_thresholds", ["0.1", "0.2", "0.3"], "Thresholds to time.")
+flags.DEFINE_list("benchmark_batches", ["1", "8"], "Batch sizes to time.")
+flags.DEFINE_integer("benchmark_new_tokens", 64, "Tokens generated per timed run.", 1)
+flags.DEFINE_integer("benchmark_repeats", 3, "Timed runs per setting (median kept).", 1)
+flags.DEFINE_list(
+    "benchmark_speculative", [], "Speculative settings to time: draft_layer:draft_length pairs."
+)
+flags.DEFINE_integer("calibration_prompts", 64, "Held-out prompts to calibrate on.", 1)
+flags.DEFINE_integer("calibration_batch_size", 8, "Prompts per generate call (serving).", 1)
+flags.DEFINE_float("target_agreement", 0.95, "Share of tokens equal to full depth, (0, 1].")
+flags.DEFINE_enum(
+    "calibration_method",
+    "empirical",
+    ["empirical", "ltt"],
+    "empirical: cheapest threshold meeting the target; ltt: Learn-then-Test guarantee.",
+)
+flags.DEFINE_float("calibration_delta", 0.1, "ltt: allowed failure probability, (0, 1).")
+flags.DEFINE_list(
+    "calibration_thresholds", [], "Candidate thresholds in [0, 1]; empty: 1.0, 0.95, ..., 0.0."
+)
+
+BENCHMARK_MODES = ("unfrozen", "frozen", "lazy")
 
 
 @flags.validator("criteria", message=f"--criteria must be a subset of {CRITERIA}.")
@@ -117,6 +150,54 @@ def _check_thresholds(values):
         return bool(values) and all(0.0 <= float(value) <= 1.0 for value in values)
     except ValueError:
         return False
+
+
+def _numbers_in_unit_interval(values) -> bool:
+    try:
+        return all(0.0 <= float(value) <= 1.0 for value in values)
+    except ValueError:
+        return False
+
+
+flags.register_validator(
+    "benchmark_thresholds",
+    lambda values: bool(values) and _numbers_in_unit_interval(values),
+    message="--benchmark_thresholds must be numbers in [0, 1].",
+)
+flags.register_validator(
+    "calibration_thresholds",
+    _numbers_in_unit_interval,
+    message="--calibration_thresholds must be numbers in [0, 1].",
+)
+flags.register_validator(
+    "benchmark_modes",
+    lambda values: bool(values) and all(value in BENCHMARK_MODES for value in values),
+    message=f"--benchmark_modes must be a subset of {BENCHMARK_MODES}.",
+)
+flags.register_validator(
+    "benchmark_batches",
+    lambda values: bool(values) and all(value.isdigit() and int(value) > 0 for value in values),
+    message="--benchmark_batches must be positive integers, e.g. 1,8.",
+)
+flags.register_validator(
+    "benchmark_speculative",
+    lambda values: all(
+        len(value.split(":")) == 2
+        and all(part.isdigit() and int(part) > 0 for part in value.split(":"))
+        for value in values
+    ),
+    message="--benchmark_speculative must be draft_layer:draft_length pairs, e.g. 1:4,2:4.",
+)
+flags.register_validator(
+    "target_agreement",
+    lambda value: 0.0 < value <= 1.0,
+    message="--target_agreement must be in (0, 1].",
+)
+flags.register_validator(
+    "calibration_delta",
+    lambda value: 0.0 < value < 1.0,
+    message="--calibration_delta must be in (0, 1).",
+)
 
 
 def _configs():
@@ -187,11 +268,24 @@ def _main(argv):
     flag_values = _flag_dict()
     if FLAGS.mode == "generate" and FLAGS.prompt is None:
         raise ValueError("--mode=generate needs --prompt.")
+    if FLAGS.mode == "calibrate" and FLAGS.decode_mode not in BENCHMARK_MODES:
+        raise ValueError(
+            f"--mode=calibrate needs an exiting --decode_mode {BENCHMARK_MODES}; got "
+            f"{FLAGS.decode_mode!r}."
+        )
     model_path = os.path.join(FLAGS.output_dir, "model.keras")
-    if FLAGS.mode in ("eval", "generate") and not os.path.exists(model_path):
+    if FLAGS.mode in ("eval", "generate", "benchmark", "calibrate") and not os.path.exists(
+        model_path
+    ):
         raise ValueError(f"no model at {model_path!r}: train first (--mode=train).")
     if FLAGS.mode == "generate":
         _generate(pipeline, flag_values)
+        return
+    if FLAGS.mode == "benchmark":
+        _benchmark(pipeline, data, flag_values)
+        return
+    if FLAGS.mode == "calibrate":
+        _calibrate(pipeline, data, flag_values)
         return
     # The model settings are checked before the (slower) data preparation; the
     # vocabulary size comes from the tokenizer afterwards.
@@ -251,6 +345,47 @@ def _generate(pipeline, flag_values):
     )
     print(json.dumps(result, indent=2, ensure_ascii=False))
     _append_to_config_log(flag_values, generate=result)
+
+
+def _benchmark(pipeline, data, flag_values):
+    record = pipeline.benchmark_saved(
+        FLAGS.output_dir,
+        data,
+        modes=tuple(FLAGS.benchmark_modes),
+        criterion=FLAGS.decode_criterion,
+        thresholds=tuple(float(t) for t in FLAGS.benchmark_thresholds),
+        batches=tuple(int(b) for b in FLAGS.benchmark_batches),
+        prompt_length=FLAGS.prompt_length,
+        new_tokens=FLAGS.benchmark_new_tokens,
+        repeats=FLAGS.benchmark_repeats,
+        speculative=tuple(
+            tuple(int(x) for x in pair.split(":")) for pair in FLAGS.benchmark_speculative
+        ),
+        seed=FLAGS.seed,
+    )
+    _append_to_config_log(flag_values, benchmark=record["rows"])
+
+
+def _calibrate(pipeline, data, flag_values):
+    thresholds = None
+    if FLAGS.calibration_thresholds:
+        thresholds = tuple(float(t) for t in FLAGS.calibration_thresholds)
+    record = pipeline.calibrate_saved(
+        FLAGS.output_dir,
+        data,
+        mode=FLAGS.decode_mode,
+        criterion=FLAGS.decode_criterion,
+        num_prompts=FLAGS.calibration_prompts,
+        prompt_length=FLAGS.prompt_length,
+        max_new_tokens=FLAGS.max_new_tokens,
+        target_agreement=FLAGS.target_agreement,
+        method=FLAGS.calibration_method,
+        delta=FLAGS.calibration_delta,
+        thresholds=thresholds,
+        batch_size=FLAGS.calibration_batch_size,
+        seed=FLAGS.seed,
+    )
+    _append_to_config_log(flag_values, calibration=record["calibration"])
 
 
 def run_main():

@@ -1,4 +1,5 @@
-"""The jobs behind `run.py` (TensorFlow): prepare data, train and save, evaluate exits."""
+"""The jobs behind `run.py` (TensorFlow): prepare data, train and save, evaluate exits,
+generate, benchmark decode speed and calibrate the exit threshold."""
 
 import json
 import os
@@ -158,6 +159,36 @@ def evaluate_saved(
     return results
 
 
+def decode_continuation(tokenizer, prompt_ids: list, token_ids: list) -> tuple[str, list]:
+    """The text of `token_ids` as a continuation of `prompt_ids`, and each token's piece.
+
+    Decoding generated ids on their own is wrong for SentencePiece: it drops the leading
+    space of the first piece ("▁sat" decodes to "sat"). So the continuation is decoded
+    after the prompt and the decoded prompt is cut off. A token whose bytes do not yet
+    form whole characters (byte tokenizer, multi-byte UTF-8) gets an empty piece, and
+    its text is carried by the token that completes it; the pieces join to the text.
+    """
+    prefix = tokenizer.decode(prompt_ids)
+    emitted = prefix
+    pieces = []
+    for end in range(1, len(token_ids) + 1):
+        decoded = tokenizer.decode(prompt_ids + token_ids[:end])
+        if decoded.startswith(emitted) and not decoded.endswith("\ufffd"):
+            pieces.append(decoded[len(emitted) :])
+            emitted = decoded
+        else:
+            pieces.append("")
+    whole = tokenizer.decode(prompt_ids + token_ids)
+    if not whole.startswith(prefix):  # the prompt decodes differently in context
+        return tokenizer.decode(token_ids), [tokenizer.decode([t]) for t in token_ids]
+    text = whole[len(prefix) :]
+    if pieces and whole.startswith(emitted):
+        pieces[-1] += whole[len(emitted) :]  # an incomplete character at the very end
+    if "".join(pieces) != text:  # decoding is not prefix-stable here: per-token pieces
+        pieces = [tokenizer.decode([t]) for t in token_ids]
+    return text, pieces
+
+
 def generate_text(
     output_dir: str,
     prompt: str,
@@ -199,12 +230,13 @@ def generate_text(
     if tokenizer.eos_id in token_ids:  # drop the stop token and what follows
         cut = token_ids.index(tokenizer.eos_id)
         token_ids, exit_layers = token_ids[:cut], exit_layers[:cut]
+    text, pieces = decode_continuation(tokenizer, prompt_ids[0].tolist(), token_ids)
     result = {
         "prompt": prompt,
-        "text": tokenizer.decode(token_ids),
+        "text": text,
         "tokens": [
-            {"token": tokenizer.decode([t]), "id": t, "exit_layer": layer}
-            for t, layer in zip(token_ids, exit_layers)
+            {"token": piece, "id": t, "exit_layer": layer}
+            for piece, t, layer in zip(pieces, token_ids, exit_layers)
         ],
         "num_layers": model.num_layers,
         "settings": {
@@ -224,3 +256,200 @@ def generate_text(
     with open(path, "w") as f:
         json.dump(result, f, indent=2, ensure_ascii=False)
     return result
+
+
+def held_out_prompts(
+    data: DataConfig, output_dir: str, count: int, length: int, seed: int = 0
+) -> np.ndarray:
+    """`count` prompts of `length` tokens, evenly spaced over the held-out split.
+
+    The split is `prepare_data`'s (same documents, fraction and seed), so no prompt comes
+    from training text; ids come from the saved tokenizer in `output_dir/tokenizer`.
+
+    Returns:
+        int32 `(count, length)`.
+    """
+    tokenizer_dir = os.path.join(output_dir, "tokenizer")
+    if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
+        raise ValueError(f"no tokenizer in {tokenizer_dir!r}: train first (--mode=train).")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    documents = load_documents(data.dataset, data_dir=data.data_dir)
+    _, held_out = split_documents(documents, data.validation_fraction, seed=seed)
+    stream = encode_documents(held_out, tokenizer)
+    if len(stream) <= length:
+        raise ValueError(
+            f"the held-out split has {len(stream)} tokens; prompt_length={length} needs more. "
+            "Use a shorter prompt or a larger validation_fraction."
+        )
+    starts = np.linspace(0, len(stream) - length - 1, count).astype(int)
+    return np.stack([stream[s : s + length] for s in starts]).astype("int32")
+
+
+def _check_fits(model, prompt_length: int, new_tokens: int, new_tokens_name: str) -> None:
+    max_length = model.gpt_config.max_length
+    if prompt_length + new_tokens > max_length:
+        raise ValueError(
+            f"prompt_length={prompt_length} + {new_tokens_name}={new_tokens} exceeds the "
+            f"model's max_length={max_length}."
+        )
+
+
+def _write_json(path: str, record: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def benchmark_saved(
+    output_dir: str,
+    data: DataConfig,
+    modes: tuple = ("frozen", "lazy"),
+    criterion: str = "max_prob",
+    thresholds: tuple = (0.1, 0.2, 0.3),
+    batches: tuple = (1, 8),
+    prompt_length: int = 32,
+    new_tokens: int = 64,
+    repeats: int = 3,
+    speculative: tuple = (),
+    seed: int = 0,
+) -> dict:
+    """Decode speed of `output_dir/model.keras` per exit setting against full depth.
+
+    Prompts come from the held-out split. Writes `benchmark.json` (`model`, `settings`,
+    `rows`; rows as `toex_tf.inference.timing.measure_decode_speed`) and `benchmark.png`.
+    """
+    from toex_tf.inference.decoding import ExitPolicy  # noqa: PLC0415
+    from toex_tf.inference.timing import (  # noqa: PLC0415
+        format_speed_table,
+        measure_decode_speed,
+        plot_decode_speed,
+    )
+
+    model = load_model(os.path.join(output_dir, "model.keras"))
+    _check_fits(model, prompt_length, new_tokens, "new_tokens")
+    policies = [ExitPolicy(mode, criterion, float(t)) for mode in modes for t in thresholds]
+    prompts = {
+        batch: held_out_prompts(data, output_dir, batch, prompt_length, seed) for batch in batches
+    }
+    rows = measure_decode_speed(
+        model,
+        prompts,
+        policies,
+        new_tokens,
+        repeats=repeats,
+        speculative=speculative,
+        log=lambda line: print(line, flush=True),
+    )
+    record = {
+        "model": {**model.gpt_config.to_dict(), "parameters": model.count_params()},
+        "settings": {
+            "modes": list(modes),
+            "criterion": criterion,
+            "thresholds": [float(t) for t in thresholds],
+            "batches": list(batches),
+            "prompt_length": prompt_length,
+            "new_tokens": new_tokens,
+            "repeats": repeats,
+            "speculative": [list(pair) for pair in speculative],
+            "dataset": data.dataset,
+        },
+        "rows": rows,
+    }
+    path = os.path.join(output_dir, "benchmark.json")
+    _write_json(path, record)
+    plot = plot_decode_speed(
+        rows, os.path.join(output_dir, "benchmark.png"), title=f"Decode speed ({criterion})"
+    )
+    print(format_speed_table(rows))
+    print(f"Wrote {path} and {plot}.")
+    return record
+
+
+def calibrate_saved(
+    output_dir: str,
+    data: DataConfig,
+    mode: str = "lazy",
+    criterion: str = "max_prob",
+    num_prompts: int = 64,
+    prompt_length: int = 32,
+    max_new_tokens: int = 64,
+    target_agreement: float = 0.95,
+    method: str = "empirical",
+    delta: float = 0.1,
+    thresholds: tuple | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> dict:
+    """Calibrates the exit threshold of `output_dir/model.keras` on held-out prompts.
+
+    Generation is compiled (`tf.function`, one per threshold) and stops at the
+    tokenizer's eos, as `--mode=generate` does. Writes `calibration.json`.
+
+    Returns:
+        `{"model", "settings", "calibration"}` (the last: `Calibration.to_dict()`).
+    """
+    from toex_tf.inference.calibration import calibrate_threshold  # noqa: PLC0415
+    from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy  # noqa: PLC0415
+    from toex_tf.inference.tf_decode import compiled_generate  # noqa: PLC0415
+
+    if mode not in ("unfrozen", "frozen", "lazy"):
+        raise ValueError(
+            f"--mode=calibrate needs an exiting --decode_mode (unfrozen, frozen or lazy); "
+            f"got {mode!r}."
+        )
+    model = load_model(os.path.join(output_dir, "model.keras"))
+    _check_fits(model, prompt_length, max_new_tokens, "max_new_tokens")
+    tokenizer = load_tokenizer(os.path.join(output_dir, "tokenizer"))
+    prompts = held_out_prompts(data, output_dir, num_prompts, prompt_length, seed)
+    adapter = DecoderAdapter.from_gpt(model)
+    stop = [tokenizer.eos_id]
+
+    def run_fn(policy):
+        return compiled_generate(
+            adapter, max_new_tokens, policy, stop_token_ids=stop, return_state=True
+        )
+
+    calibration = calibrate_threshold(
+        adapter,
+        prompts,
+        max_new_tokens,
+        ExitPolicy(mode, criterion),
+        target_agreement=target_agreement,
+        thresholds=thresholds,
+        method=method,
+        delta=delta,
+        run_fn=run_fn,
+        stop_token_ids=stop,
+        batch_size=batch_size,
+    )
+    record = {
+        "model": {**model.gpt_config.to_dict(), "parameters": model.count_params()},
+        "settings": {
+            "mode": mode,
+            "criterion": criterion,
+            "num_prompts": int(prompts.shape[0]),
+            "prompt_length": prompt_length,
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+            "dataset": data.dataset,
+        },
+        "calibration": calibration.to_dict(),
+    }
+    path = os.path.join(output_dir, "calibration.json")
+    _write_json(path, record)
+    print(f"{'threshold':>9} {'agreement':>9} {'layers':>7} {'p_value':>9}")
+    for row in calibration.rows:
+        p_value = "" if row["p_value"] is None else f"{row['p_value']:.3g}"
+        print(
+            f"{row['threshold']:>9g} {row['agreement']:>9.3f} {row['avg_layers']:>7.2f} "
+            f"{p_value:>9}"
+        )
+    guarantee = {True: ", certified", False: ", NOT certified", None: ""}[calibration.guaranteed]
+    print(
+        f"Chosen threshold: {calibration.threshold:g} ({mode}/{criterion}, {method}{guarantee}): "
+        f"agreement {calibration.agreement:.3f} with full depth at "
+        f"{calibration.avg_layers:.2f} of {model.num_layers} layers per step. "
+        f"{calibration.note}"
+    )
+    print(f"Wrote {path}.")
+    return record
