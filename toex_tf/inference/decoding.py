@@ -50,6 +50,7 @@ positions start at its first real token. RoPE needs no shift: it is relative, an
 token of a row is shifted by the same amount.
 """
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -276,8 +277,14 @@ def pad_prompts(prompts, pad_id: int = 0):
     return prompt, mask
 
 
+def _copy(caches):
+    """A shallow copy of a cache container: a list of every layer's cache, or a dict of
+    the caches a segment touches (so a segment's `cond` carries only those)."""
+    return dict(caches) if isinstance(caches, dict) else list(caches)
+
+
 def _run_layers(adapter, layers, hidden, caches, position, padding):
-    caches = list(caches)
+    caches = _copy(caches)
     for index in layers:
         hidden, caches[index] = _block_call(adapter, index, hidden, caches, position, padding)
     return hidden, caches
@@ -285,7 +292,7 @@ def _run_layers(adapter, layers, hidden, caches, position, padding):
 
 def _propagate_kv(adapter, layers, hidden, caches, position):
     """Frozen mode: K/V of skipped layers projected from the exit hidden state (CALM)."""
-    caches = list(caches)
+    caches = _copy(caches)
     for index in layers:
         block = adapter.blocks[index].block
         key, value = block.self_attention.project_kv(
@@ -295,25 +302,37 @@ def _propagate_kv(adapter, layers, hidden, caches, position):
     return caches
 
 
-def _lazy_chunk(adapter, layers, caches, lazy, position, width, padding=None):
+def _lazy_chunk(
+    adapter, layers, caches, lazy, position, width, padding=None, write_back=True, hidden=None
+):
     """Lazy mode: runs `layers` over the pending positions plus `position`, in one pass.
 
-    Pending positions at a layer always form the run `[filled[l], position)`, so one
-    static window of `width` positions from `filled[l]` covers them (the engine never
-    lets more than `width - 1` pile up). Window slots past `position` compute garbage
-    into cache slots that causal masking hides and later writes overwrite.
+    Pending positions at a layer always form the run `[filled[l], position)`, and the
+    layers of one segment are always filled together, so one static window of `width`
+    positions from `filled[layers[0]]` covers them all (the engine never lets more than
+    `width - 1` pile up). The window passes from layer to layer in place; the state
+    buffer is written once at the end, and not at all when no later layer will read it
+    (`write_back=False`). `hidden`, the current token's state, goes into its slot of the
+    window: a token that goes deep never writes the buffer. Window slots past `position`
+    compute garbage into cache slots that causal masking hides and later writes overwrite.
     """
     states, filled = lazy
-    caches = list(caches)
+    caches = _copy(caches)
     batch, hidden_dim = ops.shape(states)[0], ops.shape(states)[2]
     zero = ops.zeros((), "int32")
+    start = filled[layers[0]]
+    window = ops.slice(states, (zero, start, zero), (batch, width, hidden_dim))
+    # In a decode step `start <= position`; `flush_lazy` also visits layers with nothing
+    # pending (start = position + 1), whose returned state nobody reads.
+    offset = ops.maximum(ops.cast(position, "int32") - start, 0)
+    if hidden is not None:
+        window = ops.slice_update(window, (zero, offset, zero), ops.cast(hidden, window.dtype))
     for index in layers:
-        start = filled[index]
-        window = ops.slice(states, (zero, start, zero), (batch, width, hidden_dim))
         window, caches[index] = _block_call(adapter, index, window, caches, start, padding)
+    if write_back:
         states = ops.slice_update(states, (zero, start, zero), window)
     filled = _mark_filled(filled, layers, position)
-    hidden = ops.slice(states, (zero, position, zero), (batch, 1, hidden_dim))
+    hidden = ops.slice(window, (zero, offset, zero), (batch, 1, hidden_dim))
     return hidden, caches, (states, filled)
 
 
@@ -332,7 +351,7 @@ def _write_state(lazy, hidden, position):
     return states, filled
 
 
-def _exit_confidence(policy, gate, block, normed, hidden, memory, first):
+def _exit_confidence(policy, gate, block, normed, hidden, memory, first, cheap_head=None):
     """Confidence `(batch,)` of one decision exit, and the criterion's memory for the next.
 
     `memory` carries what a criterion compares across the decision exits of one step:
@@ -348,7 +367,10 @@ def _exit_confidence(policy, gate, block, normed, hidden, memory, first):
         dot = ops.sum(current * previous, axis=-1)
         norms = ops.sqrt(ops.sum(current * current, -1) * ops.sum(previous * previous, -1))
         return ops.clip(dot / (norms + 1e-12), 0.0, 1.0), current
-    cheap = block.output_embedding(normed, mode="cheap_logits")
+    if cheap_head is None:
+        cheap = block.output_embedding(normed, mode="cheap_logits")
+    else:
+        cheap = block.output_embedding.apply_cheap_head(normed, cheap_head)
     if criterion in CRITERIA:
         return gate.confidence(cheap)[:, 0], memory
     if criterion == "kl":
@@ -416,45 +438,53 @@ def decode_step(
                 "lazy mode needs its state: pass lazy=adapter.empty_lazy_state(...) and "
                 "caches with max_pending extra positions (generate does this)."
             )
-        lazy = _write_state(lazy, hidden, position)
         # Skipping now would leave `width` tokens pending at the deepest layer: go deep.
         force = ops.greater_equal(ops.cast(position, "int32") + 1 - lazy[1][-1], width)
     memory = ops.cast(hidden[:, 0], "float32") if policy.criterion == "saturation" else None
-    state = (hidden, list(caches), decided, exit_layer, chosen, lazy, memory)
+    caches = list(caches)
+    # Full depth decides nothing: one segment. Otherwise the shared cheap head is built
+    # once per step, before the first layer, so no check waits for its gather.
+    ends = (num_layers,) if mode == "full" else adapter.decision_layers(policy)
+    cheap_head = None
+    if mode != "full" and policy.criterion in CHEAP_HEAD_CRITERIA:
+        cheap_head = adapter.output_embedding.cheap_head(hidden.dtype)
+    state = (hidden, {}, decided, exit_layer, chosen, lazy, memory)
     start = 0
-    for segment, end in enumerate(adapter.decision_layers(policy)):
+    for segment, end in enumerate(ends):
         layers = list(range(start, end))
         block = adapter.blocks[end - 1]
+        # The segment's `cond` carries only the caches it writes: under XLA every operand
+        # of a conditional that it returns is copied, and all layers' caches are large.
+        state = (state[0], {index: caches[index] for index in layers}, *state[2:])
 
-        def compute(state, segment=segment, layers=layers, block=block, end=end):
+        def compute(state, segment=segment, layers=layers, block=block, end=end, chunk=False):
             hidden, caches, decided, exit_layer, chosen, lazy, memory = state
-            if mode == "lazy" and segment > 0:
-                pending = ops.cast(position, "int32") - lazy[1][layers[0]]
-
-                def one_token(hidden=hidden, caches=caches, lazy=lazy):
-                    hidden, caches = _run_layers(adapter, layers, hidden, caches, position, padding)
-                    lazy = _write_state(lazy, hidden, position)
-                    return hidden, caches, (lazy[0], _mark_filled(lazy[1], layers, position))
-
-                hidden, caches, lazy = ops.cond(
-                    ops.equal(pending, 0),
-                    one_token,
-                    lambda: _lazy_chunk(adapter, layers, caches, lazy, position, width, padding),
+            if chunk:  # lazy: catch up the pending positions and this one in one window
+                # After the final segment no later layer reads the states buffer.
+                hidden, caches, lazy = _lazy_chunk(
+                    adapter,
+                    layers,
+                    caches,
+                    lazy,
+                    position,
+                    width,
+                    padding,
+                    end < num_layers,
+                    hidden,
                 )
             else:
                 hidden, caches = _run_layers(adapter, layers, hidden, caches, position, padding)
                 if mode == "lazy":
-                    lazy = _write_state(lazy, hidden, position)
                     lazy = (lazy[0], _mark_filled(lazy[1], layers, position))
-            caches = list(caches)
             normed = block.exit_norm(hidden)
             if end == num_layers:
                 chosen = ops.where(decided[:, None, None], chosen, normed)
                 return hidden, caches, decided, exit_layer, chosen, lazy, memory
             if mode == "full":
                 return hidden, caches, decided, exit_layer, chosen, lazy, memory
+            shared = cheap_head if block.output_embedding is adapter.output_embedding else None
             confidence, memory = _exit_confidence(
-                policy, gate, block, normed, hidden, memory, first=segment == 0
+                policy, gate, block, normed, hidden, memory, segment == 0, shared
             )
             newly = ops.logical_and(ops.greater(confidence, threshold), ops.logical_not(decided))
             chosen = ops.where(newly[:, None, None], normed, chosen)
@@ -466,20 +496,33 @@ def decode_step(
             hidden, caches, decided, exit_layer, chosen, lazy, memory = state
             if mode == "frozen":
                 caches = _propagate_kv(adapter, layers, hidden, caches, position)
-            return hidden, list(caches), decided, exit_layer, chosen, lazy, memory
+            if mode == "lazy":  # the exit state: a later deep token catches it up from here
+                lazy = _write_state(lazy, hidden, position)
+            return hidden, _copy(caches), decided, exit_layer, chosen, lazy, memory
 
-        if segment > 0 and mode in ("frozen", "lazy"):
-            can_skip = ops.logical_and(ops.all(state[2]), ops.logical_not(force))
+        if segment > 0 and mode == "frozen":
             state = ops.cond(
-                can_skip,
+                ops.all(state[2]),
                 lambda state=state, skip=skip: skip(state),
                 lambda state=state, compute=compute: compute(state),
             )
+        elif segment > 0 and mode == "lazy":
+            # One three-way branch per decision (a nested cond would put two decisions
+            # on the critical path): skip, go deep with nothing pending, or catch up.
+            can_skip = ops.logical_and(ops.all(state[2]), ops.logical_not(force))
+            pending = ops.cast(position, "int32") - state[5][1][layers[0]]
+            branch = ops.where(can_skip, 0, ops.where(ops.equal(pending, 0), 1, 2))
+            state = ops.switch(
+                branch,
+                [skip, compute, functools.partial(compute, chunk=True)],
+                state,
+            )
         else:
             state = compute(state)
-        state = (state[0], list(state[1]), *state[2:])
+        for index in layers:
+            caches[index] = state[1][index]
         start = end
-    hidden, caches, decided, exit_layer, chosen, lazy, _ = state
+    hidden, _, decided, exit_layer, chosen, lazy, _ = state
     logits = adapter.output_embedding(chosen, mode="logits")
     # Layers this step ran: skipping starts once the last row has exited (batch policy),
     # unless lazy mode had to go deep to bound the pending work.

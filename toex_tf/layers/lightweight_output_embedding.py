@@ -115,12 +115,28 @@ class LightweightOutputEmbedding(keras.layers.Layer):
         if mode == "logits":
             return ops.matmul(inputs, ops.transpose(ops.cast(self.embeddings, inputs.dtype)))
         if mode == "cheap_logits":
-            if self.mode == "shortlist":
-                rows = ops.take(self.embeddings, self.shortlist_ids, axis=0)
-                return ops.matmul(inputs, ops.transpose(ops.cast(rows, inputs.dtype)))
-            projected = ops.matmul(inputs, ops.cast(self.low_rank_in, inputs.dtype))
-            return ops.matmul(projected, ops.cast(self.low_rank_out, inputs.dtype))
+            return self.apply_cheap_head(inputs, self.cheap_head(inputs.dtype))
         raise ValueError(f"mode must be one of {CALL_MODES}; got {mode!r}.")
+
+    def cheap_head(self, dtype=None) -> list:
+        """The cheap head as matrices to apply in order: `[(hidden, K)]` for a shortlist
+        (its rows of the tied matrix, transposed), `[(hidden, r), (r, vocab)]` low-rank.
+
+        A decode step builds them once and reuses them at every exit it checks: the
+        gather and transpose then stay off the path that decides whether to go deeper.
+        """
+        dtype = dtype or self.compute_dtype
+        if self.mode == "shortlist":
+            rows = ops.take(self.embeddings, self.shortlist_ids, axis=0)
+            return [ops.transpose(ops.cast(rows, dtype))]
+        return [ops.cast(self.low_rank_in, dtype), ops.cast(self.low_rank_out, dtype)]
+
+    @staticmethod
+    def apply_cheap_head(inputs, head):
+        """Cheap logits of `inputs` from the matrices of `cheap_head`."""
+        for matrix in head:
+            inputs = ops.matmul(inputs, matrix)
+        return inputs
 
     def compute_output_spec(self, inputs, mode="logits"):
         if mode == "embed":
