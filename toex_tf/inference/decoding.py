@@ -474,8 +474,6 @@ def decode_step(
                 )
             else:
                 hidden, caches = _run_layers(adapter, layers, hidden, caches, position, padding)
-                if mode == "lazy":
-                    lazy = (lazy[0], _mark_filled(lazy[1], layers, position))
             normed = block.exit_norm(hidden)
             if end == num_layers:
                 chosen = ops.where(decided[:, None, None], chosen, normed)
@@ -529,6 +527,11 @@ def decode_step(
     depth = ops.full((), num_layers, "int32")
     if mode in ("frozen", "lazy"):
         depth = ops.where(force, depth, ops.max(exit_layer))
+    if mode == "lazy":
+        # The layers this step computed are the prefix [0, depth): one pointer update
+        # per step rather than one per segment.
+        computed = ops.arange(num_layers, dtype="int32") < depth
+        lazy = (lazy[0], ops.where(computed, ops.cast(position, "int32") + 1, lazy[1]))
     return logits[:, 0], exit_layer, caches, lazy, depth
 
 
