@@ -22,7 +22,7 @@ import keras
 import numpy as np
 
 from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy
-from toex_tf.inference.timing import measure_decode_speed
+from toex_tf.inference.timing import format_speed_table, measure_decode_speed, plot_decode_speed
 from toex_tf.models import build_gpt
 
 
@@ -59,6 +59,9 @@ def main():
     parser.add_argument(
         "--speculative", default="", help="draft_layer:draft_length pairs, e.g. 2:4,3:4"
     )
+    parser.add_argument(
+        "--jit_compile", action="store_true", help="TensorFlow: compile with XLA as well"
+    )
     parser.add_argument("--out", default="decode_speed.json")
     args = parser.parse_args()
 
@@ -94,6 +97,7 @@ def main():
         repeats=args.repeats,
         speculative=speculative,
         log=lambda line: print(line, flush=True),
+        jit_compile=args.jit_compile,
     )
     exit_layers = DecoderAdapter.from_gpt(model).decision_layers(
         ExitPolicy(decision_layers=decisions)
@@ -104,12 +108,15 @@ def main():
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "decision_layers": list(exit_layers),
+        "jit_compile": args.jit_compile,
         "rows": rows,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"Wrote {args.out}.")
+    plot = plot_decode_speed(rows, os.path.splitext(args.out)[0] + ".png")
+    print(format_speed_table(rows))
+    print(f"Wrote {args.out} and {plot}.")
 
 
 if __name__ == "__main__":

@@ -136,6 +136,11 @@ def test_train_and_eval_writes_model_results_and_logs(tmp_path):
         (["--mode=calibrate", "--decode_mode=speculative"], "needs an exiting --decode_mode"),
         (["--mode=benchmark"], "no model at"),
         (["--mode=calibrate"], "no model at"),
+        (["--mode=train_gates"], "no model at"),
+        (["--decision_layers=0,a"], "--decision_layers must be positive integers"),
+        (["--decode_criterion=vibes"], "--decode_criterion"),
+        (["--patience=0"], "--patience"),
+        (["--threshold_decay=-1"], "--threshold_decay"),
     ],
 )
 def test_bad_flags_fail_with_a_clear_message(tmp_path, args, message):
@@ -326,3 +331,28 @@ def test_generated_text_keeps_the_space_before_its_first_word():
     byte = ByteTokenizer()
     text, pieces = decode_continuation(byte, byte.encode("h"), byte.encode("é!"))
     assert text == "é!" and pieces == ["", "é", "!"]
+
+
+def test_train_gates_then_generate_with_the_learned_criterion(trained_tiny, tmp_path):
+    args = _copy(trained_tiny, tmp_path)
+    out = tmp_path / "out"
+    trained = _run(*args, "--mode=train_gates", "--gate_windows=16", "--gate_epochs=2")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    report = json.loads((out / "gates.json").read_text())
+    assert [int(layer) for layer in report["exit_layers"]] == [1]  # the tiny model's one gate
+    assert "held-out AUC" in trained.stdout
+    common = [*args, "--mode=generate", "--prompt=the cat", "--max_new_tokens=5"]
+    for extra in (
+        ["--decode_criterion=learned", "--decode_threshold=0.0"],
+        ["--decode_criterion=saturation", "--decode_threshold=0.0", "--decision_layers=1"],
+        ["--decode_criterion=max_prob", "--decode_threshold=0.5", "--threshold_decay=2"],
+    ):
+        generated = _run(*common, *extra)
+        assert generated.returncode == 0, generated.stderr[-3000:]
+        record = json.loads((out / "generate.json").read_text())
+        assert 0 < len(record["tokens"]) <= 5
+        if "--decode_threshold=0.0" in extra:  # every token after the first leaves at 1
+            assert all(t["exit_layer"] == 1 for t in record["tokens"][1:])
+    bad = _run(*common, "--decision_layers=5")
+    assert bad.returncode != 0 and "carry no exit head" in bad.stderr, bad.stderr[-2000:]
+    assert "Traceback" not in bad.stderr

@@ -6,6 +6,9 @@ Modes:
     train_and_eval   both
     generate         --prompt text → generated text and each token's exit layer, as JSON
                      (also OUTPUT_DIR/generate.json)
+    benchmark        decode speed of each exit mode against full depth → benchmark.json/.png
+    calibrate        the cheapest threshold that keeps agreement with full depth → calibration.json
+    train_gates      add LearnedExitGates to the trained model and fit them (frozen base)
     benchmark        decode speed (tokens/s, measured and ideal speedup) of exit modes
                      against full depth on held-out prompts → benchmark.json, benchmark.png
     calibrate        the cheapest --decode_mode threshold whose output agrees with full
@@ -34,11 +37,12 @@ from toex_tf.config import (  # noqa: E402
     TrainConfig,
     gpt_preset,
 )
+from toex_tf.inference.decoding import DECODE_CRITERIA  # noqa: E402
 from toex_tf.layers.top_k_confidence_gate import CRITERIA  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-MODES = ["train", "eval", "train_and_eval", "generate", "benchmark", "calibrate"]
+MODES = ["train", "eval", "train_and_eval", "generate", "benchmark", "calibrate", "train_gates"]
 flags.DEFINE_enum("mode", "train_and_eval", MODES, "What to run.")
 flags.DEFINE_string("output_dir", None, "Where the model, results and logs go.")
 flags.DEFINE_enum("model", "gpt", ["gpt"], "Model family.")
@@ -102,7 +106,23 @@ flags.DEFINE_integer(
 flags.DEFINE_enum(
     "decode_mode", "lazy", ["full", "unfrozen", "frozen", "lazy", "speculative"], "Exit mode."
 )
-flags.DEFINE_enum("decode_criterion", "max_prob", list(CRITERIA), "Exit criterion.")
+flags.DEFINE_enum(
+    "decode_criterion", "max_prob", list(DECODE_CRITERIA), "Exit criterion at decode time."
+)
+flags.DEFINE_list(
+    "decision_layers", [], "Exits where a decode step may stop (e.g. 3); empty: every exit."
+)
+flags.DEFINE_integer("max_pending", 8, "Lazy mode: the catch-up window.", lower_bound=2)
+flags.DEFINE_integer("patience", 2, "patience criterion: agreeing exits needed.", 1)
+flags.DEFINE_float(
+    "threshold_decay", None, "CALM decay temperature of the threshold with position.", 0.0
+)
+flags.DEFINE_bool(
+    "decode_jit_compile", False, "Compile decoding with XLA too (generate, benchmark)."
+)
+flags.DEFINE_integer("gate_epochs", 5, "--mode=train_gates: epochs over the windows.", 1)
+flags.DEFINE_integer("gate_windows", 512, "--mode=train_gates: training windows.", 1)
+flags.DEFINE_integer("gate_units", 0, "--mode=train_gates: gate hidden width (0: linear).", 0)
 flags.DEFINE_float("decode_threshold", 0.2, "Exit threshold in [0, 1].", 0.0, 1.0)
 flags.DEFINE_enum("sampling", "greedy", ["greedy", "sample"], "Decoding strategy.")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature.", lower_bound=1e-3)
@@ -137,6 +157,21 @@ flags.DEFINE_list(
 )
 
 BENCHMARK_MODES = ("unfrozen", "frozen", "lazy")
+
+
+@flags.validator("decision_layers", message="--decision_layers must be positive integers.")
+def _check_decision_layers(values):
+    return all(value.isdigit() and int(value) > 0 for value in values)
+
+
+def _policy_options() -> dict:
+    """ExitPolicy settings beyond mode, criterion and threshold, from the flags."""
+    return {
+        "decision_layers": tuple(int(v) for v in FLAGS.decision_layers) or None,
+        "max_pending": FLAGS.max_pending,
+        "patience": FLAGS.patience,
+        "threshold_decay": FLAGS.threshold_decay,
+    }
 
 
 @flags.validator("criteria", message=f"--criteria must be a subset of {CRITERIA}.")
@@ -274,9 +309,13 @@ def _main(argv):
             f"{FLAGS.decode_mode!r}."
         )
     model_path = os.path.join(FLAGS.output_dir, "model.keras")
-    if FLAGS.mode in ("eval", "generate", "benchmark", "calibrate") and not os.path.exists(
-        model_path
-    ):
+    if FLAGS.mode in (
+        "eval",
+        "generate",
+        "benchmark",
+        "calibrate",
+        "train_gates",
+    ) and not os.path.exists(model_path):
         raise ValueError(f"no model at {model_path!r}: train first (--mode=train).")
     if FLAGS.mode == "generate":
         _generate(pipeline, flag_values)
@@ -302,6 +341,17 @@ def _main(argv):
     prepared = pipeline.prepare_data(data, train.seq_len, FLAGS.output_dir, seed=train.seed)
     model_config = dataclasses.replace(model_config, vocab_size=prepared.tokenizer.vocab_size)
     results = None
+    if FLAGS.mode == "train_gates":
+        gates = pipeline.train_gates_saved(
+            FLAGS.output_dir,
+            prepared,
+            windows=FLAGS.gate_windows,
+            epochs=FLAGS.gate_epochs,
+            hidden_units=FLAGS.gate_units,
+            batch_size=train.batch_size,
+        )
+        _append_to_config_log(flag_values, gates=gates)
+        return
     if FLAGS.mode in ("train", "train_and_eval"):
         pipeline.train_and_save(model_config, train, prepared, FLAGS.output_dir)
     if FLAGS.mode in ("eval", "train_and_eval"):
@@ -342,6 +392,8 @@ def _generate(pipeline, flag_values):
         seed=FLAGS.seed,
         draft_layer=FLAGS.draft_layer,
         draft_length=FLAGS.draft_length,
+        policy_options=_policy_options(),
+        jit_compile=FLAGS.decode_jit_compile,
     )
     print(json.dumps(result, indent=2, ensure_ascii=False))
     _append_to_config_log(flag_values, generate=result)
@@ -362,6 +414,8 @@ def _benchmark(pipeline, data, flag_values):
             tuple(int(x) for x in pair.split(":")) for pair in FLAGS.benchmark_speculative
         ),
         seed=FLAGS.seed,
+        policy_options=_policy_options(),
+        jit_compile=FLAGS.decode_jit_compile,
     )
     _append_to_config_log(flag_values, benchmark=record["rows"])
 
@@ -384,6 +438,7 @@ def _calibrate(pipeline, data, flag_values):
         thresholds=thresholds,
         batch_size=FLAGS.calibration_batch_size,
         seed=FLAGS.seed,
+        policy_options=_policy_options(),
     )
     _append_to_config_log(flag_values, calibration=record["calibration"])
 

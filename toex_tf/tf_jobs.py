@@ -198,9 +198,14 @@ def generate_text(
     threshold: float = 0.2,
     draft_layer: int = 1,
     draft_length: int = 4,
+    policy_options: dict | None = None,
+    jit_compile: bool = False,
     **sampling,
 ) -> dict:
     """Generates from `output_dir/model.keras` with its tokenizer; writes `generate.json`.
+
+    `policy_options` are further `ExitPolicy` fields (decision_layers, max_pending,
+    patience, threshold_decay); `jit_compile` compiles the loop with XLA as well.
 
     Returns:
         `{"prompt", "text", "tokens": [{"token", "id", "exit_layer"}], "settings"}`.
@@ -220,9 +225,14 @@ def generate_text(
             adapter, prompt_ids, max_new_tokens, draft_layer, draft_length
         )
     else:
-        policy = ExitPolicy(mode, criterion, threshold)
+        policy = ExitPolicy(mode, criterion, threshold, **(policy_options or {}))
         run = compiled_generate(
-            adapter, max_new_tokens, policy, stop_token_ids=[tokenizer.eos_id], **sampling
+            adapter,
+            max_new_tokens,
+            policy,
+            jit_compile=jit_compile,
+            stop_token_ids=[tokenizer.eos_id],
+            **sampling,
         )
         token_ids, exit_layers = run(prompt_ids)
     token_ids = np.asarray(token_ids)[0].tolist()
@@ -312,6 +322,8 @@ def benchmark_saved(
     repeats: int = 3,
     speculative: tuple = (),
     seed: int = 0,
+    policy_options: dict | None = None,
+    jit_compile: bool = False,
 ) -> dict:
     """Decode speed of `output_dir/model.keras` per exit setting against full depth.
 
@@ -327,7 +339,10 @@ def benchmark_saved(
 
     model = load_model(os.path.join(output_dir, "model.keras"))
     _check_fits(model, prompt_length, new_tokens, "new_tokens")
-    policies = [ExitPolicy(mode, criterion, float(t)) for mode in modes for t in thresholds]
+    options = policy_options or {}
+    policies = [
+        ExitPolicy(mode, criterion, float(t), **options) for mode in modes for t in thresholds
+    ]
     prompts = {
         batch: held_out_prompts(data, output_dir, batch, prompt_length, seed) for batch in batches
     }
@@ -339,6 +354,7 @@ def benchmark_saved(
         repeats=repeats,
         speculative=speculative,
         log=lambda line: print(line, flush=True),
+        jit_compile=jit_compile,
     )
     record = {
         "model": {**model.gpt_config.to_dict(), "parameters": model.count_params()},
@@ -352,6 +368,10 @@ def benchmark_saved(
             "repeats": repeats,
             "speculative": [list(pair) for pair in speculative],
             "dataset": data.dataset,
+            "policy_options": {
+                k: list(v) if isinstance(v, tuple) else v for k, v in options.items()
+            },
+            "jit_compile": jit_compile,
         },
         "rows": rows,
     }
@@ -379,6 +399,7 @@ def calibrate_saved(
     thresholds: tuple | None = None,
     batch_size: int = 8,
     seed: int = 0,
+    policy_options: dict | None = None,
 ) -> dict:
     """Calibrates the exit threshold of `output_dir/model.keras` on held-out prompts.
 
@@ -413,7 +434,7 @@ def calibrate_saved(
         adapter,
         prompts,
         max_new_tokens,
-        ExitPolicy(mode, criterion),
+        ExitPolicy(mode, criterion, **(policy_options or {})),
         target_agreement=target_agreement,
         thresholds=thresholds,
         method=method,
@@ -453,3 +474,44 @@ def calibrate_saved(
     )
     print(f"Wrote {path}.")
     return record
+
+
+def train_gates_saved(
+    output_dir: str,
+    data: PreparedData,
+    windows: int = 512,
+    epochs: int = 5,
+    hidden_units: int = 0,
+    batch_size: int = 16,
+) -> dict:
+    """Adds `LearnedExitGate`s to `output_dir/model.keras` (if it has none) and fits them.
+
+    The base model is frozen: only the gates train, on the consistency of each exit's
+    top-1 with the final layer's (CALM). The model is saved back atomically with its
+    gates, so `--decode_criterion=learned` can use them. Writes `gates.json`.
+    """
+    from toex_tf.models import add_learned_gates  # noqa: PLC0415
+    from toex_tf.training.gate_training import fit_learned_gates  # noqa: PLC0415
+
+    path = os.path.join(output_dir, "model.keras")
+    model = load_model(path)
+    has_gates = any(getattr(b, "learned_gate", None) is not None for b in model.blocks)
+    if not has_gates:
+        model = add_learned_gates(model, hidden_units=hidden_units)
+    report = fit_learned_gates(
+        model,
+        data.train_inputs[:windows],
+        epochs=epochs,
+        batch_size=batch_size,
+        validation_inputs=data.val_inputs[: max(windows // 4, 1)],
+    )
+    save_model_atomically(model, path)
+    report = json.loads(json.dumps(report, default=float))  # numpy scalars → JSON
+    _write_json(os.path.join(output_dir, "gates.json"), report)
+    for layer, metrics in report.get("validation", {}).items():
+        print(
+            f"exit {layer}: held-out AUC {metrics['auc']:.3f}, accuracy "
+            f"{metrics['accuracy']:.3f}, consistent share {metrics['positive_rate']:.3f}"
+        )
+    print(f"Saved {path} with learned gates; wrote {os.path.join(output_dir, 'gates.json')}.")
+    return report

@@ -44,8 +44,13 @@ def device_name() -> str:
     return f"{platform.machine()} CPU x{os.cpu_count()}"
 
 
-def _compiled(run_fn: Callable) -> Callable:
-    """`run_fn` compiled for the backend; the result returns NumPy (so it is synchronous)."""
+def _compiled(run_fn: Callable, jit_compile: bool = False) -> Callable:
+    """`run_fn` compiled for the backend; the result returns NumPy (so it is synchronous).
+
+    On TensorFlow, `jit_compile=True` compiles the graph with XLA as well (on a 2-core
+    CPU it ran the quickstart model's full-depth step about 6x faster than the plain
+    graph, but each data-dependent branch costs more there); JAX always uses XLA.
+    """
     if keras.backend.backend() == "jax":
         import jax  # noqa: PLC0415
 
@@ -53,24 +58,53 @@ def _compiled(run_fn: Callable) -> Callable:
         return lambda prompt: jax.block_until_ready(run(prompt))
     import tensorflow as tf  # noqa: PLC0415
 
-    run = tf.function(run_fn)
+    run = tf.function(run_fn, jit_compile=jit_compile)
     return lambda prompt: keras.tree.map_structure(np.asarray, run(prompt))
 
 
-def compile_generate(adapter: DecoderAdapter, new_tokens: int, policy: ExitPolicy) -> Callable:
+def compile_generate(
+    adapter: DecoderAdapter, new_tokens: int, policy: ExitPolicy, jit_compile: bool = False
+) -> Callable:
     """A compiled `(prompt) -> (tokens, exit_layers, state)` for one policy (greedy)."""
-    return _compiled(lambda p: generate(adapter, p, new_tokens, policy, return_state=True))
+    return _compiled(
+        lambda p: generate(adapter, p, new_tokens, policy, return_state=True), jit_compile
+    )
 
 
 def compile_speculative(
-    adapter: DecoderAdapter, new_tokens: int, draft_layer: int, draft_length: int
+    adapter: DecoderAdapter,
+    new_tokens: int,
+    draft_layer: int,
+    draft_length: int,
+    jit_compile: bool = False,
 ) -> Callable:
     """A compiled speculative `(prompt) -> (tokens, exit_layers, state)` (LayerSkip)."""
     return _compiled(
         lambda p: generate_speculative(
             adapter, p, new_tokens, draft_layer, draft_length, return_state=True
-        )
+        ),
+        jit_compile,
     )
+
+
+def time_pair(run: Callable, reference: Callable, prompt, repeats: int):
+    """Times `run` and `reference` alternately, so machine drift hits both alike.
+
+    Returns:
+        `(seconds, reference_seconds, output of run's last call)`: medians over
+        `repeats` alternating calls after one warm-up call each.
+    """
+    run(prompt)
+    reference(prompt)
+    times, reference_times, out = [], [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        reference(prompt)
+        reference_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        out = run(prompt)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), float(np.median(reference_times)), out
 
 
 def time_run(run: Callable, prompt, repeats: int) -> tuple[float, object]:
@@ -183,6 +217,7 @@ def measure_decode_speed(
     repeats: int = 3,
     speculative: Sequence[tuple[int, int]] = (),
     log: Callable[[str], None] | None = print,
+    jit_compile: bool = False,
 ) -> list[dict]:
     """Times each policy (and speculative setting) against full depth, per batch size.
 
@@ -199,6 +234,10 @@ def measure_decode_speed(
         repeats: timed calls per setting (the median is kept), after one warm-up.
         speculative: `(draft_layer, draft_length)` pairs.
         log: called with one line per row as it is measured; None: silent.
+        jit_compile: TensorFlow: compile every run (full depth too) with XLA.
+
+    Full depth is timed alternately with each setting (`time_pair`), and each row's
+    `full_tokens_per_s` is the one measured beside it.
 
     Returns:
         Rows: `mode`, `criterion`, `threshold` (speculative: also `draft_layer`,
@@ -231,14 +270,17 @@ def measure_decode_speed(
         cost = CostModel.for_gpt(model, context_length=prompt.shape[1] + new_tokens / 2)
         d = config.hidden_dim
         kv_fraction = (2 * d * d) / cost.layer_macs  # K and V projections of one layer
-        full_time, _ = time_run(compile_generate(adapter, new_tokens, full_policy), prompt, repeats)
+        full_run = compile_generate(adapter, new_tokens, full_policy, jit_compile)
+        full_time, _ = time_run(full_run, prompt, repeats)
         full_tps = batch * new_tokens / full_time
         for policy in [full_policy] + [p for p in policies if p.mode != "full"]:
             if policy.mode == "full":
                 seconds, avg_layers = full_time, float(config.num_layers)
+                row_full_tps = full_tps
             else:
-                run = compile_generate(adapter, new_tokens, policy)
-                seconds, out = time_run(run, prompt, repeats)
+                run = compile_generate(adapter, new_tokens, policy, jit_compile)
+                seconds, full_seconds, out = time_pair(run, full_run, prompt, repeats)
+                row_full_tps = batch * new_tokens / full_seconds
                 avg_layers = float(out[2]["layers_run"]) / max(float(out[2]["steps"]), 1.0)
             decisions = adapter.decision_layers(policy)
             ideal = cost.full_depth_macs / mode_cost(
@@ -246,20 +288,23 @@ def measure_decode_speed(
             )
             row = speed_row(
                 batch * new_tokens / seconds,
-                full_tps,
+                row_full_tps,
                 ideal,
                 avg_layers,
                 batch,
                 mode=policy.mode,
                 criterion=None if policy.mode == "full" else policy.criterion,
                 threshold=None if policy.mode == "full" else float(policy.threshold),
+                decision_layers=list(decisions),
+                max_pending=policy.max_pending if policy.mode == "lazy" else None,
+                jit_compile=jit_compile,
             )
             rows.append(row)
             if log:
                 log(format_row(row))
         for draft_layer, draft_length in speculative:
-            run = compile_speculative(adapter, new_tokens, draft_layer, draft_length)
-            seconds, out = time_run(run, prompt, repeats)
+            run = compile_speculative(adapter, new_tokens, draft_layer, draft_length, jit_compile)
+            seconds, full_seconds, out = time_pair(run, full_run, prompt, repeats)
             rounds = max(float(out[2]["rounds"]), 1.0)
             # Sequential layer passes: the draft runs k layers per drafted token, the
             # verification one windowed pass through the other L - k layers.
@@ -267,7 +312,7 @@ def measure_decode_speed(
             avg_layers = passes / max(new_tokens - 1, 1)
             row = speed_row(
                 batch * new_tokens / seconds,
-                full_tps,
+                batch * new_tokens / full_seconds,
                 config.num_layers / avg_layers,
                 avg_layers,
                 batch,
@@ -277,6 +322,7 @@ def measure_decode_speed(
                 draft_layer=draft_layer,
                 draft_length=draft_length,
                 accepted_per_round=float(out[2]["accepted"]) / rounds,
+                jit_compile=jit_compile,
             )
             rows.append(row)
             if log:
