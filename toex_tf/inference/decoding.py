@@ -407,10 +407,11 @@ def decode_step(
         token_ids: int `(batch, 1)`, the tokens at `position`.
         position: scalar, their absolute position (the column; shared by the batch).
         caches: one KV cache per layer (`max_length + policy.max_pending` long in lazy
-            mode, see `empty_state`).
-        lazy: lazy mode only: `(states, filled)`, each position's latest hidden state
-            `(batch, max_length + max_pending, hidden)` and per-layer fill pointers
-            `(layers,)`.
+            mode: `adapter.empty_caches(batch, policy.max_pending)`).
+        lazy: lazy mode only: `(states, filled)` from `adapter.empty_lazy_state`: the
+            hidden state each pending position stopped at, `(batch, max_length +
+            max_pending, hidden)`, and per-layer fill pointers `(layers,)` (positions
+            below `filled[l]` have exact K/V at layer `l`).
         padding: None, or `(key_mask, offsets)` of a left-padded batch (`padding_state`).
 
     Returns:
