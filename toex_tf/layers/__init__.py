@@ -4,7 +4,7 @@ from toex_tf.layers.causal_self_attention import CausalSelfAttention
 from toex_tf.layers.cross_attention import CrossAttention
 from toex_tf.layers.early_exit_block import EarlyExitBlock
 from toex_tf.layers.feed_forward import FeedForward
-from toex_tf.layers.learned_exit_gate import LearnedExitGate
+from toex_tf.layers.learned_exit_gate import GumbelExitGate, LearnedExitGate
 from toex_tf.layers.lightweight_output_embedding import LightweightOutputEmbedding
 from toex_tf.layers.position_embedding import PositionEmbedding
 from toex_tf.layers.rms_norm import RMSNorm
@@ -19,6 +19,7 @@ __all__ = [
     "CrossAttention",
     "EarlyExitBlock",
     "FeedForward",
+    "GumbelExitGate",
     "LearnedExitGate",
     "LightweightOutputEmbedding",
     "PositionEmbedding",

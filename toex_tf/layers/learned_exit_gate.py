@@ -117,3 +117,77 @@ class LearnedExitGate(keras.layers.Layer):
             ),
             "bias_initializer": keras.initializers.serialize(self.bias_initializer),
         }
+
+
+@keras.saving.register_keras_serializable(package="toex_tf")
+class GumbelExitGate(LearnedExitGate):
+    """A `LearnedExitGate` trained end to end with a straight-through Gumbel sample.
+
+    At inference it is a `LearnedExitGate`: `call` returns `sigmoid(logit)`, which the
+    decode engine's `learned` criterion compares with the threshold. In training,
+    `sample` draws a hard exit decision per token from the binary Gumbel-softmax
+    (logistic noise) and lets gradients through a softer relaxation:
+
+        forward:  `sigmoid((logit + g) / forward_temperature)`, rounded to 0/1 when
+                  `hard` (the default)
+        backward: the gradient of `sigmoid((logit + g) / backward_temperature)`
+
+    Decoupling the two temperatures (a sharp or hard forward pass, a smooth backward
+    pass) keeps training decisions like the discrete ones used at inference while the
+    gradient stays informative (straight-through Gumbel-softmax).
+
+    Args:
+        forward_temperature: float > 0, temperature of the forward value when
+            `sample(..., hard=False)`; a hard sample is its rounding, which does not
+            depend on it. Defaults to `0.5`.
+        backward_temperature: float > 0, temperature of the relaxation whose gradient
+            the hard sample carries. Defaults to `1.0`.
+        **kwargs: `LearnedExitGate` arguments.
+
+    Example:
+    >>> gate = GumbelExitGate(backward_temperature=2.0)
+    >>> hard = gate.sample(np.random.rand(2, 8, 16).astype("float32"), seed=0)
+
+    References:
+        Jang et al., "Categorical Reparameterization with Gumbel-Softmax", 2017.
+    """
+
+    def __init__(
+        self, forward_temperature: float = 0.5, backward_temperature: float = 1.0, **kwargs
+    ):
+        super().__init__(**kwargs)
+        for name, value in (
+            ("forward_temperature", forward_temperature),
+            ("backward_temperature", backward_temperature),
+        ):
+            if isinstance(value, bool) or not float(value) > 0:
+                raise ValueError(f"{name} must be > 0; got {value!r}.")
+        self.forward_temperature = float(forward_temperature)
+        self.backward_temperature = float(backward_temperature)
+
+    def sample(self, hidden, seed=None, noise=True, hard=True):
+        """Straight-through exit decisions, float32 `(...)`: exactly 0 or 1 when `hard`.
+
+        Args:
+            hidden: the exit's normed hidden state `(..., hidden)`.
+            seed: a `keras.random.SeedGenerator`, int or None: the logistic noise.
+            noise: bool; False uses the plain logit (deterministic).
+            hard: bool; False returns the forward-temperature relaxation as the value.
+        """
+        logit = self.logit(hidden)
+        if noise:
+            uniform = keras.random.uniform(ops.shape(logit), 1e-6, 1.0 - 1e-6, seed=seed)
+            logit = logit + ops.log(uniform) - ops.log(1.0 - uniform)
+        soft_backward = ops.sigmoid(logit / self.backward_temperature)
+        if hard:
+            forward = ops.cast(ops.greater(logit, 0.0), "float32")
+        else:
+            forward = ops.sigmoid(logit / self.forward_temperature)
+        return ops.stop_gradient(forward) + soft_backward - ops.stop_gradient(soft_backward)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "forward_temperature": self.forward_temperature,
+            "backward_temperature": self.backward_temperature,
+        }

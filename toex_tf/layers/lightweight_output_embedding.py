@@ -12,19 +12,19 @@ CALL_MODES = ("embed", "logits", "cheap_logits")
 
 @keras.saving.register_keras_serializable(package="toex_tf")
 class LightweightOutputEmbedding(keras.layers.Layer):
-    """Token embedding, tied LM head, and a cheap head for exit confidence.
+    """Token embedding, LM head (tied or not), and a cheap head for exit confidence.
 
     A confidence check with the full head costs `vocab * hidden` MACs per token: on
     TinyLlama that is 1.5 decoder layers, so checking at five exits would cost more than
-    exiting saves (DESIGN.md §4). This layer owns one `(vocab, hidden)` matrix and uses
-    it three ways:
+    exiting saves (DESIGN.md §4). This layer owns one `(vocab, hidden)` matrix (two when
+    `tied=False`) and uses it three ways:
 
     - `mode="embed"`: token ids → vectors (the input embedding).
     - `mode="logits"`: hidden → full logits, `hidden @ E.T`. Run it once per token,
       at the exit actually taken.
     - `mode="cheap_logits"`: hidden → cheap logits for the confidence signal only.
         - `shortlist`: logits over the `shortlist_size` most frequent tokens, read live
-          from the tied matrix (`hidden @ E[shortlist].T`). Set the ids from corpus
+          from the head matrix (`hidden @ E[shortlist].T`). Set the ids from corpus
           counts with `set_shortlist`; until then they are ids `0..K-1`.
         - `low_rank`: `(hidden @ V_r) @ (U_r S_r).T`, a rank-`rank` SVD of `E`. The
           factors are non-trainable and must be refreshed with `refresh_low_rank()`
@@ -37,6 +37,10 @@ class LightweightOutputEmbedding(keras.layers.Layer):
         shortlist_size: int, tokens in the shortlist. Defaults to `256`.
         rank: int, rank of the low-rank head. Defaults to `64`.
         embeddings_initializer: initializer for `E`. Defaults to normal(stddev=0.02).
+        tied: bool. `True` (GPT-2): one matrix is both the input embedding and the LM
+            head. `False` (Llama, `tie_word_embeddings=false`): a second `(vocab,
+            hidden)` matrix `output_embeddings` is the LM head, and the cheap head
+            reads from it. Defaults to `True`.
         **kwargs: base `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -62,6 +66,7 @@ class LightweightOutputEmbedding(keras.layers.Layer):
         shortlist_size: int = 256,
         rank: int = 64,
         embeddings_initializer="normal",
+        tied: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -85,6 +90,7 @@ class LightweightOutputEmbedding(keras.layers.Layer):
         self.shortlist_size = shortlist_size
         self.rank = rank
         self.embeddings_initializer = get_initializer(embeddings_initializer)
+        self.tied = bool(tied)
 
     def build(self, input_shape=None):
         self.embeddings = self.add_weight(
@@ -92,6 +98,13 @@ class LightweightOutputEmbedding(keras.layers.Layer):
             shape=(self.vocab_size, self.hidden_dim),
             initializer=self.embeddings_initializer,
         )
+        self.output_embeddings = self.embeddings
+        if not self.tied:
+            self.output_embeddings = self.add_weight(
+                name="output_embeddings",
+                shape=(self.vocab_size, self.hidden_dim),
+                initializer=self.embeddings_initializer,
+            )
         if self.mode == "shortlist":
             self.shortlist_ids = self.add_weight(
                 name="shortlist_ids",
@@ -113,21 +126,22 @@ class LightweightOutputEmbedding(keras.layers.Layer):
         if mode == "embed":
             return ops.take(self.embeddings, ops.cast(inputs, "int32"), axis=0)
         if mode == "logits":
-            return ops.matmul(inputs, ops.transpose(ops.cast(self.embeddings, inputs.dtype)))
+            head = ops.cast(self.output_embeddings, inputs.dtype)
+            return ops.matmul(inputs, ops.transpose(head))
         if mode == "cheap_logits":
             return self.apply_cheap_head(inputs, self.cheap_head(inputs.dtype))
         raise ValueError(f"mode must be one of {CALL_MODES}; got {mode!r}.")
 
     def cheap_head(self, dtype=None) -> list:
         """The cheap head as matrices to apply in order: `[(hidden, K)]` for a shortlist
-        (its rows of the tied matrix, transposed), `[(hidden, r), (r, vocab)]` low-rank.
+        (its rows of the head matrix, transposed), `[(hidden, r), (r, vocab)]` low-rank.
 
         A decode step builds them once and reuses them at every exit it checks: the
         gather and transpose then stay off the path that decides whether to go deeper.
         """
         dtype = dtype or self.compute_dtype
         if self.mode == "shortlist":
-            rows = ops.take(self.embeddings, self.shortlist_ids, axis=0)
+            rows = ops.take(self.output_embeddings, self.shortlist_ids, axis=0)
             return [ops.transpose(ops.cast(rows, dtype))]
         return [ops.cast(self.low_rank_in, dtype), ops.cast(self.low_rank_out, dtype)]
 
@@ -175,10 +189,10 @@ class LightweightOutputEmbedding(keras.layers.Layer):
         self.set_shortlist(np.sort(order[: self.shortlist_size]))
 
     def refresh_low_rank(self) -> None:
-        """Recomputes the low-rank head from the current embedding matrix (rank-r SVD)."""
+        """Recomputes the low-rank head from the current output matrix (rank-r SVD)."""
         if self.mode != "low_rank":
             return
-        matrix = np.asarray(ops.convert_to_numpy(self.embeddings), dtype="float64")
+        matrix = np.asarray(ops.convert_to_numpy(self.output_embeddings), dtype="float64")
         u, s, vt = np.linalg.svd(matrix, full_matrices=False)
         self.low_rank_in.assign(vt[: self.rank].T.astype("float32"))
         self.low_rank_out.assign((u[:, : self.rank] * s[: self.rank]).T.astype("float32"))
@@ -206,4 +220,5 @@ class LightweightOutputEmbedding(keras.layers.Layer):
             "shortlist_size": self.shortlist_size,
             "rank": self.rank,
             "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
+            "tied": self.tied,
         }

@@ -3,6 +3,7 @@
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 ROUTINGS = ("top_k", "predictor", "all")
@@ -46,7 +47,9 @@ class SkipRouter(keras.layers.Layer):
         inputs: `(batch, seq, hidden)`, the (normalised) sublayer input.
         training: bool.
         routing: str or None, one of `"top_k"` (static capacity), `"predictor"`
-            (causal, for decoding), `"all"` (no routing). `None`: `"top_k"` in
+            (causal, for decoding: tokens whose predictor logit exceeds
+            `predictor_threshold` run the sublayer, and it is not run at all when none
+            does), `"all"` (no routing). `None`: `"top_k"` in
             training, `"predictor"` otherwise.
 
     Returns:
@@ -99,10 +102,41 @@ class SkipRouter(keras.layers.Layer):
         self.predictor_hidden.build(input_shape)
         self.predictor_output = keras.layers.Dense(1, dtype=self.dtype_policy, name="predictor")
         self.predictor_output.build(tuple(input_shape[:-1]) + (self.predictor_hidden_dim,))
+        # Decode-time cut on the predictor logit; `calibrate_predictor_threshold` sets it so
+        # that a `capacity` share of real tokens routes.
+        self.predictor_threshold = self.add_weight(
+            name="predictor_threshold",
+            shape=(),
+            initializer="zeros",
+            trainable=False,
+            dtype="float32",
+            autocast=False,
+        )
 
     def routed_count(self, seq_len: int) -> int:
         """Tokens routed per sequence of `seq_len` in top-k mode."""
         return max(1, min(seq_len, math.ceil(self.capacity * seq_len)))
+
+    def calibrate_predictor_threshold(self, predictor_logits, capacity=None) -> float:
+        """Sets `predictor_threshold` to route a `capacity` share of these tokens.
+
+        Args:
+            predictor_logits: the `predictor_logits` of calibration tokens (any shape).
+            capacity: float in (0, 1]; None: this router's training capacity.
+
+        Returns:
+            The threshold: the `1 - capacity` quantile of the logits.
+        """
+        capacity = self.capacity if capacity is None else float(capacity)
+        if isinstance(capacity, bool) or not 0.0 < capacity <= 1.0:
+            raise ValueError(f"capacity must be in (0, 1]; got {capacity!r}.")
+        logits = np.asarray(ops.convert_to_numpy(predictor_logits), "float64").ravel()
+        if logits.size == 0:
+            raise ValueError("calibration needs at least one token's predictor logit.")
+        threshold = -np.inf if capacity >= 1.0 else np.quantile(logits, 1.0 - capacity)
+        threshold = float(max(threshold, np.finfo("float32").min))
+        self.predictor_threshold.assign(threshold)
+        return threshold
 
     def router_logits(self, inputs):
         """Float32 router scores `(batch, seq)`."""
@@ -121,10 +155,23 @@ class SkipRouter(keras.layers.Layer):
         if routing == "all" or (routing == "top_k" and self.capacity >= 1.0):
             return self.layer(inputs, training=training)
         if routing == "predictor":
-            route = ops.greater(self.predictor_logits(inputs), 0.0)
+            return self._predictor_call(inputs, training)
+        return self._top_k_call(inputs, training)
+
+    def predictor_route(self, inputs):
+        """Bool `(batch, seq)`: the causal decision to run the sublayer on each token."""
+        return ops.greater(self.predictor_logits(inputs), self.predictor_threshold)
+
+    def _predictor_call(self, inputs, training):
+        route = self.predictor_route(inputs)
+
+        def run():
             output = self.layer(inputs, training=training)
             return output * ops.cast(route, output.dtype)[..., None]
-        return self._top_k_call(inputs, training)
+
+        # The sublayer really is skipped when no token of the batch routes (at decode
+        # time: one token per row). A token that skips still wrote its attention K/V.
+        return ops.cond(ops.any(route), run, lambda: ops.zeros_like(inputs))
 
     def _top_k_call(self, inputs, training):
         seq_len = inputs.shape[1]
