@@ -134,10 +134,14 @@ class DecoderAdapter:
         blocks: the model's `EarlyExitBlock`s in order; each wraps a `TransformerBlock`
             (its `attention_norm` and `self_attention.project_kv` serve the frozen mode).
         max_length: longest sequence (prompt + generated).
+        routing: None, or a `SkipRouter` routing every block call uses: `"all"` runs
+            every FFN (full depth in both dimensions), `"predictor"` the causal routers.
+            None: the blocks' default (`"predictor"` outside training).
     """
 
-    def __init__(self, embed, blocks, max_length: int):
+    def __init__(self, embed, blocks, max_length: int, routing: str | None = None):
         self.embed = embed
+        self.routing = routing
         self.blocks = list(blocks)
         self.max_length = max_length
         self.exit_layers = tuple(i + 1 for i, b in enumerate(self.blocks) if b.has_exit)
@@ -158,6 +162,36 @@ class DecoderAdapter:
             return positions(embedded, start_index=start_index, position_ids=position_ids)
 
         return cls(embed, model.blocks, model.gpt_config.max_length)
+
+    @classmethod
+    def from_llama(
+        cls, model, max_length: int | None = None, routing: str | None = None
+    ) -> "DecoderAdapter":
+        """The adapter of a `HierarchicalLlama`; `max_length` (default: the config's)
+        sizes the KV caches, `routing="all"` turns the FFN skip routers off. RoPE is
+        applied inside attention, so `embed` ignores positions (it is relative: a
+        left-padded row needs no shift)."""
+        token_embedding = model.token_embedding
+        length = max_length or model.llama_config.max_length
+        if length > model.llama_config.max_length:
+            raise ValueError(
+                f"max_length={length} exceeds the model's max_length="
+                f"{model.llama_config.max_length}."
+            )
+
+        def embed(token_ids, start_index, position_ids=None):
+            return token_embedding(token_ids, mode="embed")
+
+        return cls(embed, model.blocks, length, routing)
+
+    @classmethod
+    def from_model(cls, model, **kwargs) -> "DecoderAdapter":
+        """The adapter of an `EarlyExitGPT` or a `HierarchicalLlama`."""
+        if hasattr(model, "llama_config"):
+            return cls.from_llama(model, **kwargs)
+        if hasattr(model, "gpt_config"):
+            return cls.from_gpt(model)
+        raise TypeError(f"no decoder adapter for {type(model).__name__}.")
 
     @property
     def num_layers(self) -> int:
@@ -215,8 +249,9 @@ class DecoderAdapter:
 def _block_call(adapter, index, hidden, caches, position, padding):
     """Runs block `index` over `hidden` at `position`, writing its cache."""
     key_mask = None if padding is None else padding[0]
+    extra = {} if adapter.routing is None else {"routing": adapter.routing}
     return adapter.blocks[index].block(
-        hidden, padding_mask=key_mask, cache=caches[index], cache_update_index=position
+        hidden, padding_mask=key_mask, cache=caches[index], cache_update_index=position, **extra
     )
 
 

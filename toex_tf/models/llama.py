@@ -1,0 +1,250 @@
+"""`HierarchicalLlama`: a Llama decoder with exit gates and FFN skip routers (Functional)."""
+
+import keras
+
+from toex_tf.config import LlamaConfig, llama_preset
+from toex_tf.layers import (
+    EarlyExitBlock,
+    GumbelExitGate,
+    LightweightOutputEmbedding,
+    SkipRouter,
+    TransformerBlock,
+)
+
+# What each training phase trains; the pretrained base is frozen in all but "base".
+PHASES = ("base", "routers", "exits", "full", "frozen")
+
+
+@keras.saving.register_keras_serializable(package="toex_tf")
+class HierarchicalLlama(keras.Model):
+    """Llama with two-dimensional adaptive computation.
+
+    - Vertical: exits at a few layers (default 4, 8, 12, 16 and 19 of 22). Each exit has
+      an RMSNorm, the shared (untied) LM head of `LightweightOutputEmbedding`, and a
+      `GumbelExitGate` trained with straight-through Gumbel samples.
+    - Horizontal: a `SkipRouter` around every layer's SwiGLU FFN. In training, the top
+      `capacity` share of the tokens of a sequence runs the FFN; at decode time the
+      router's causal predictor decides, and a token that skips the FFN still writes its
+      attention K/V (attention runs before the FFN).
+
+    The blocks are RMSNorm, RoPE, grouped-query attention and SwiGLU (Hugging Face
+    Llama numerics: `toex_tf.loaders.load_llama` imports checkpoints, with parity
+    against `transformers`). The base weights start frozen (`set_phase`).
+
+    Outputs: with no exit but the final one, the final-layer logits `(batch, seq,
+    vocab)`. With exits, a dict: `"logits"` (the final layer's) and `"exit_logits"`, a
+    list of logits per exit layer in ascending order, the final one last.
+
+    Args:
+        the fields of `toex_tf.config.LlamaConfig`.
+        **kwargs: base `keras.Model` arguments (`name`, `dtype`, ...). `dtype` is the
+            layers' dtype policy, for example `"bfloat16"`.
+
+    Example:
+    >>> model = HierarchicalLlama(**llama_preset("llama-tiny").to_dict())
+    >>> outputs = model(np.zeros((1, 8), "int32"))  # {"logits", "exit_logits"}
+
+    References:
+        Touvron et al., "LLaMA", 2023; Zhang et al., "TinyLlama", 2024; Raposo et al.,
+        "Mixture-of-Depths", 2024; Schuster et al., "CALM", 2022.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        max_length: int = 2048,
+        hidden_dim: int = 2048,
+        num_layers: int = 22,
+        num_heads: int = 32,
+        num_kv_heads: int = 4,
+        head_dim: int | None = None,
+        intermediate_dim: int = 5632,
+        norm_epsilon: float = 1e-5,
+        rope_theta: float = 10000.0,
+        tie_embeddings: bool = False,
+        exit_layers=(4, 8, 12, 16, 19),
+        capacity: float = 0.55,
+        output_embedding_mode: str = "shortlist",
+        shortlist_size: int = 256,
+        low_rank: int = 64,
+        gate_units: int = 0,
+        gate_forward_temperature: float = 0.5,
+        gate_backward_temperature: float = 1.0,
+        router_z_loss_weight: float = 1e-3,
+        router_entropy_weight: float = 1e-3,
+        router_predictor_weight: float = 1e-2,
+        router_hidden_dim: int = 64,
+        **kwargs,
+    ):
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            max_length=max_length,
+            hidden_dim=hidden_dim,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            intermediate_dim=intermediate_dim,
+            norm_epsilon=norm_epsilon,
+            rope_theta=rope_theta,
+            tie_embeddings=tie_embeddings,
+            exit_layers=exit_layers,
+            capacity=capacity,
+            output_embedding_mode=output_embedding_mode,
+            shortlist_size=shortlist_size,
+            low_rank=low_rank,
+            gate_units=gate_units,
+            gate_forward_temperature=gate_forward_temperature,
+            gate_backward_temperature=gate_backward_temperature,
+            router_z_loss_weight=router_z_loss_weight,
+            router_entropy_weight=router_entropy_weight,
+            router_predictor_weight=router_predictor_weight,
+            router_hidden_dim=router_hidden_dim,
+        )
+        dtype = kwargs.pop("dtype", None)
+        token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+        embedding = LightweightOutputEmbedding(
+            vocab_size=config.vocab_size,
+            hidden_dim=config.hidden_dim,
+            mode=config.output_embedding_mode,
+            shortlist_size=config.shortlist_size,
+            rank=config.low_rank,
+            tied=config.tie_embeddings,
+            dtype=dtype,
+            name="token_embedding",
+        )
+        x = embedding(token_ids, mode="embed")
+        router_config = {
+            "z_loss_weight": config.router_z_loss_weight,
+            "entropy_weight": config.router_entropy_weight,
+            "predictor_weight": config.router_predictor_weight,
+            "predictor_hidden_dim": config.router_hidden_dim,
+        }
+        exit_logits = []
+        for layer in range(1, config.num_layers + 1):
+            has_exit = layer in config.exit_layers
+            gate = None
+            if has_exit and layer < config.num_layers:  # the final exit is always taken
+                gate = GumbelExitGate(
+                    forward_temperature=config.gate_forward_temperature,
+                    backward_temperature=config.gate_backward_temperature,
+                    hidden_units=config.gate_units,
+                    name="learned_gate",
+                )
+            block = EarlyExitBlock(
+                TransformerBlock(
+                    num_heads=config.num_heads,
+                    head_dim=config.head_dim,
+                    intermediate_dim=config.intermediate_dim,
+                    num_kv_heads=config.num_kv_heads,
+                    norm_type="rms_norm",
+                    norm_epsilon=config.norm_epsilon,
+                    activation="swiglu",
+                    use_bias=False,
+                    rope_theta=config.rope_theta,
+                    capacity=config.capacity,
+                    router_config=router_config,
+                    dtype=dtype,
+                    name="transformer",
+                ),
+                output_embedding=embedding if has_exit else None,
+                norm_type="rms_norm",
+                norm_epsilon=config.norm_epsilon,
+                learned_gate=gate,
+                dtype=dtype,
+                name=f"block_{layer}",
+            )
+            if has_exit:
+                x, logits = block(x)
+                exit_logits.append(logits)
+            else:
+                x = block(x)
+        outputs = exit_logits[-1]
+        if len(exit_logits) > 1:
+            outputs = {"logits": exit_logits[-1], "exit_logits": exit_logits}
+        super().__init__(inputs=token_ids, outputs=outputs, dtype=dtype, **kwargs)
+        self.llama_config = config
+        self.set_phase("frozen")
+
+    @property
+    def exit_layers(self) -> tuple[int, ...]:
+        """1-based numbers of the layers that carry an exit, ascending (final included)."""
+        return self.llama_config.exit_layers
+
+    @property
+    def num_layers(self) -> int:
+        return self.llama_config.num_layers
+
+    @property
+    def token_embedding(self) -> LightweightOutputEmbedding:
+        return self.get_layer("token_embedding")
+
+    @property
+    def blocks(self) -> list[EarlyExitBlock]:
+        return [self.get_layer(f"block_{i}") for i in range(1, self.num_layers + 1)]
+
+    @property
+    def routers(self) -> list[SkipRouter]:
+        """The FFN skip routers, one per layer (empty at capacity 1.0)."""
+        return [block.block.ffn for block in self.blocks if isinstance(block.block.ffn, SkipRouter)]
+
+    @property
+    def gates(self) -> list[GumbelExitGate]:
+        """The exit gates of the non-final exits, in layer order."""
+        return [block.learned_gate for block in self.blocks if block.learned_gate is not None]
+
+    def set_phase(self, phase: str) -> None:
+        """Sets what trains (`layer.trainable`) for a training phase.
+
+        - `"base"`: every base weight (pretraining from scratch); routers and gates are
+          frozen.
+        - `"routers"`: the routers' scores and causal predictors.
+        - `"exits"`: the exit gates and the norms of the non-final exits; routers frozen.
+        - `"full"`: routers, gates and non-final exit norms together.
+        - `"frozen"`: nothing (inference; the state after construction and loading).
+
+        In every phase but `"base"` the pretrained base (embeddings, LM head, attention,
+        FFNs, block norms, final norm) stays frozen.
+        """
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}; got {phase!r}.")
+        base = phase == "base"
+        self.token_embedding.trainable = base
+        for index, block in enumerate(self.blocks, start=1):
+            transformer = block.block
+            for layer in (
+                transformer.attention_norm,
+                transformer.self_attention,
+                transformer.ffn_norm,
+            ):
+                layer.trainable = base
+            router = transformer.ffn if isinstance(transformer.ffn, SkipRouter) else None
+            (router.layer if router else transformer.ffn).trainable = base
+            if router is not None:
+                for layer in (
+                    router.router_dense,
+                    router.predictor_hidden,
+                    router.predictor_output,
+                ):
+                    layer.trainable = phase in ("routers", "full")
+            if block.exit_norm is not None:
+                final = index == self.num_layers
+                block.exit_norm.trainable = base if final else phase in ("exits", "full")
+            if block.learned_gate is not None:
+                block.learned_gate.trainable = phase in ("exits", "full")
+
+    def get_config(self):
+        return {"name": self.name, "trainable": self.trainable, **self.llama_config.to_dict()}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def build_llama(config: LlamaConfig | str, dtype=None, **overrides) -> HierarchicalLlama:
+    """Builds a `HierarchicalLlama` from a `LlamaConfig` or a preset name plus overrides."""
+    if isinstance(config, str):
+        config = llama_preset(config, **overrides)
+    elif overrides:
+        config = LlamaConfig(**{**config.to_dict(), **overrides})
+    return HierarchicalLlama(**config.to_dict(), dtype=dtype)

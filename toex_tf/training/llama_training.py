@@ -1,0 +1,382 @@
+"""Two-phase training of a `HierarchicalLlama` on its frozen base, and router calibration.
+
+Phases (`HierarchicalLlama.set_phase`): `routers` (FFN skip routers, with a capacity
+schedule), `exits` (exit gates and exit norms, routers frozen), `full` (both), and
+`base` (pretraining a small base from scratch, no routing and no gates).
+
+The loss of a phase, on next-token targets:
+
+- LM loss: cross-entropy of the output distribution. With gates, the output is the
+  mixture over exits given by straight-through Gumbel samples (`GumbelExitGate.sample`):
+  exit `k` is taken with weight `g_k * prod_{j<k} (1 - g_j)`, the final layer with the
+  rest. The samples are hard, so the forward pass is a real exit decision per token.
+- distillation: `KL(teacher || output)`, the teacher being the same frozen base at full
+  depth with every FFN (routing off), gradient stopped; plus the same KL for each exit
+  head on its own, so an exit head learns even when its gate is closed.
+- router losses (`SkipRouter`): z-loss, entropy and the causal predictor's BCE.
+- compute penalty: `compute_weight * E[exit layer] / num_layers` under the gates.
+
+The model is wrapped in `LlamaPhaseTrainer`, a `keras.Model` for `fit`; the wrapper is
+never saved: save `trainer.model`.
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from toex_tf.layers import SkipRouter
+
+TRAIN_PHASES = ("base", "routers", "exits", "full")
+
+
+def forward_exits(model, token_ids, training=False, routing=None, router_inputs=None):
+    """Runs a `HierarchicalLlama` block by block.
+
+    Args:
+        model: the model.
+        token_ids: int `(batch, seq)`.
+        training: bool.
+        routing: `SkipRouter` routing (`"top_k"`, `"predictor"`, `"all"`) or None (the
+            default for `training`).
+        router_inputs: optional list; receives each router's (normed) input in order.
+
+    Returns:
+        dict: `"normed"` and `"logits"`, lists over the exit layers (final last).
+    """
+    hidden = model.token_embedding(ops.cast(token_ids, "int32"), mode="embed")
+    normed_states, logits = [], []
+    for block in model.blocks:
+        transformer = block.block
+        hidden = hidden + transformer.self_attention(
+            transformer.attention_norm(hidden), training=training
+        )
+        normed = transformer.ffn_norm(hidden)
+        if isinstance(transformer.ffn, SkipRouter):
+            if router_inputs is not None:
+                router_inputs.append(normed)
+            delta = transformer.ffn(normed, training=training, routing=routing)
+        else:
+            delta = transformer.ffn(normed, training=training)
+        hidden = hidden + delta
+        if block.has_exit:
+            exit_normed = block.exit_norm(hidden)
+            normed_states.append(exit_normed)
+            logits.append(block.output_embedding(exit_normed, mode="logits"))
+    return {"normed": normed_states, "logits": logits}
+
+
+def _batches(token_ids, batch_size):
+    token_ids = np.asarray(token_ids, "int32")
+    if token_ids.ndim != 2 or token_ids.shape[0] == 0 or token_ids.shape[1] == 0:
+        raise ValueError(
+            f"token_ids must be a non-empty (batch, seq) array; got {token_ids.shape}."
+        )
+    for start in range(0, len(token_ids), batch_size):
+        yield token_ids[start : start + batch_size]
+
+
+def calibrate_routers(model, token_ids, capacity=None, batch_size: int = 8) -> list[float]:
+    """Sets every router's decode-time `predictor_threshold` so that a `capacity` share
+    of the calibration tokens runs its FFN.
+
+    Layer by layer: a layer's threshold is set before the next layer's inputs are
+    computed, so each layer is calibrated on the inputs it sees at decode time (with
+    the earlier layers routing causally).
+
+    Args:
+        model: a `HierarchicalLlama` with routers.
+        token_ids: int `(n, seq)` calibration windows.
+        capacity: float in (0, 1] or None (each router's training capacity).
+        batch_size: windows per forward pass.
+
+    Returns:
+        The thresholds, one per layer.
+    """
+    routers = model.routers
+    if not routers:
+        raise ValueError("the model has no routers (capacity=1.0): nothing to calibrate.")
+    batches = list(_batches(token_ids, batch_size))
+    hidden = [model.token_embedding(ops.convert_to_tensor(b), mode="embed") for b in batches]
+    thresholds = []
+    for block in model.blocks:
+        transformer = block.block
+        normed = []
+        for index, state in enumerate(hidden):
+            state = state + transformer.self_attention(transformer.attention_norm(state))
+            hidden[index] = state
+            normed.append(transformer.ffn_norm(state))
+        router = transformer.ffn
+        logits = np.concatenate([np.asarray(router.predictor_logits(x)).ravel() for x in normed])
+        thresholds.append(router.calibrate_predictor_threshold(logits, capacity))
+        for index, x in enumerate(normed):
+            hidden[index] = hidden[index] + router(x, routing="predictor")
+    return thresholds
+
+
+def routed_fraction(model, token_ids, batch_size: int = 8) -> float:
+    """The share of (token, layer) pairs whose FFN runs under causal (decode) routing."""
+    routed, total = 0, 0
+    for batch in _batches(token_ids, batch_size):
+        inputs = []
+        forward_exits(model, batch, routing="predictor", router_inputs=inputs)
+        for router, x in zip(model.routers, inputs, strict=True):
+            decisions = np.asarray(router.predictor_route(x))
+            routed += int(decisions.sum())
+            total += decisions.size
+    if total == 0:
+        raise ValueError("the model has no routers (capacity=1.0).")
+    return routed / total
+
+
+def capacity_schedule(start: float, end: float, steps: int, stages: int = 4) -> list:
+    """`[(capacity, steps)]`: capacity falls from `start` to `end` in `stages` equal
+    steps over the first half of training, then stays at `end` (each distinct capacity
+    is one trace of the training step, since the routed count is static)."""
+    for name, value in (("start", start), ("end", end)):
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"capacity {name} must be in (0, 1]; got {value}.")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1; got {steps}.")
+    if start <= end or stages <= 1 or steps < 2 * stages:
+        return [(end, steps)]
+    ramp = steps // 2
+    per_stage = ramp // stages
+    values = np.linspace(start, end, stages + 1)[:-1]
+    schedule = [(float(v), per_stage) for v in values]
+    schedule.append((float(end), steps - per_stage * stages))
+    return schedule
+
+
+class LlamaPhaseTrainer(keras.Model):
+    """Wraps a `HierarchicalLlama` for `fit` in one training phase (module docstring).
+
+    Args:
+        model: the model; `set_phase(phase)` is applied.
+        phase: one of `TRAIN_PHASES`.
+        distill_weight: weight of the KL to the full-depth teacher. Defaults to `1.0`.
+        lm_weight: weight of the LM cross-entropy. Defaults to `1.0`.
+        exit_distill_weight: weight of each exit head's own KL (exits/full). Defaults to
+            `1.0`.
+        compute_weight: weight of the gates' expected depth. Defaults to `0.5`.
+        seed: int, the Gumbel noise seed.
+    """
+
+    def __init__(
+        self,
+        model,
+        phase: str,
+        distill_weight: float = 1.0,
+        lm_weight: float = 1.0,
+        exit_distill_weight: float = 1.0,
+        compute_weight: float = 0.5,
+        seed: int = 0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if phase not in TRAIN_PHASES:
+            raise ValueError(f"phase must be one of {TRAIN_PHASES}; got {phase!r}.")
+        for name, value in (
+            ("distill_weight", distill_weight),
+            ("lm_weight", lm_weight),
+            ("exit_distill_weight", exit_distill_weight),
+            ("compute_weight", compute_weight),
+        ):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0; got {value}.")
+        if phase in ("routers", "full") and not model.routers:
+            raise ValueError(f"phase {phase!r} needs routers: the model has capacity 1.0.")
+        if phase in ("exits", "full") and not model.gates:
+            raise ValueError(f"phase {phase!r} needs exit gates: the model has no early exit.")
+        self.model = model
+        self.phase = phase
+        self.distill_weight = float(distill_weight)
+        self.lm_weight = float(lm_weight)
+        self.exit_distill_weight = float(exit_distill_weight)
+        self.compute_weight = float(compute_weight)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        model.set_phase(phase)
+        self.trackers = {
+            name: keras.metrics.Mean(name=name)
+            for name in ("lm", "distill", "exit_distill", "avg_exit_layer", "router")
+        }
+
+    def call(self, inputs, training=None):
+        model = self.model
+        gated = self.phase in ("exits", "full")
+        routing = "all" if self.phase == "base" else None
+        student = forward_exits(model, inputs, training=training, routing=routing)
+        outputs = {"logits": student["logits"]}
+        if self.phase != "base":
+            teacher = forward_exits(model, inputs, training=False, routing="all")
+            outputs["teacher"] = ops.stop_gradient(teacher["logits"][-1])
+        if gated:
+            samples = [
+                gate.sample(normed, seed=self.seed_generator)
+                for gate, normed in zip(model.gates, student["normed"][:-1], strict=True)
+            ]
+            outputs["gate_samples"] = samples
+        return outputs
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        model = self.model
+        logits = [ops.cast(v, "float32") for v in y_pred["logits"]]
+        log_probs = [ops.log_softmax(v, axis=-1) for v in logits]
+        if "gate_samples" in y_pred:
+            # Exit weights: exit k is taken where its gate opens and no earlier one did.
+            remaining = ops.ones_like(y_pred["gate_samples"][0])
+            weights, depth = [], 0.0
+            for layer, sample in zip(model.exit_layers[:-1], y_pred["gate_samples"], strict=True):
+                weights.append(remaining * sample)
+                depth = depth + remaining * sample * layer
+                remaining = remaining * (1.0 - sample)
+            weights.append(remaining)
+            depth = depth + remaining * model.num_layers
+            stacked = ops.stack(log_probs, axis=0)  # (exits, batch, seq, vocab)
+            mix = ops.log(ops.stack(weights, axis=0) + 1e-9)[..., None]
+            output = ops.logsumexp(stacked + mix, axis=0)
+        else:
+            output = log_probs[-1]
+            depth = ops.full(ops.shape(output)[:2], float(model.num_layers))
+        targets = ops.cast(y, "int32")
+        picked = ops.take_along_axis(output, targets[..., None], axis=-1)[..., 0]
+        lm = -ops.mean(picked)
+        total = self.lm_weight * lm
+        self.trackers["lm"].update_state(lm)
+        if "teacher" in y_pred:
+            teacher = ops.log_softmax(ops.cast(y_pred["teacher"], "float32"), axis=-1)
+            teacher_probs = ops.exp(teacher)
+
+            def kl(student):
+                return ops.mean(ops.sum(teacher_probs * (teacher - student), axis=-1))
+
+            distill = kl(output)
+            total = total + self.distill_weight * distill
+            self.trackers["distill"].update_state(distill)
+            if "gate_samples" in y_pred and self.exit_distill_weight > 0:
+                exit_distill = ops.mean(ops.stack([kl(v) for v in log_probs[:-1]]))
+                total = total + self.exit_distill_weight * exit_distill
+                self.trackers["exit_distill"].update_state(exit_distill)
+        mean_depth = ops.mean(depth)
+        self.trackers["avg_exit_layer"].update_state(mean_depth)
+        if "gate_samples" in y_pred:
+            total = total + self.compute_weight * mean_depth / model.num_layers
+        if self.losses:
+            router = ops.sum(ops.stack([ops.cast(v, "float32") for v in self.losses]))
+            self.trackers["router"].update_state(router)
+            total = total + router
+        return total
+
+    @property
+    def metrics(self):
+        return super().metrics + list(self.trackers.values())
+
+
+def train_phase(
+    model,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    phase: str,
+    steps: int,
+    batch_size: int = 8,
+    learning_rate: float = 1e-3,
+    capacity_start: float | None = None,
+    seed: int = 0,
+    verbose: int = 0,
+    **trainer_kwargs,
+) -> dict:
+    """Trains one phase with Keras `fit` (TensorFlow or JAX).
+
+    Args:
+        model: a `HierarchicalLlama`.
+        inputs, targets: int `(n, seq)` next-token windows (`toex_tf.data.lm_windows`).
+        phase: one of `TRAIN_PHASES`.
+        steps: optimizer steps.
+        batch_size, learning_rate: the optimizer's (AdamW, cosine decay after warm-up).
+        capacity_start: `routers`/`full`: the capacity schedule starts here and falls to
+            the model's capacity (`capacity_schedule`); None: no schedule.
+        seed: shuffling and Gumbel seed.
+        verbose: `fit` verbosity.
+        **trainer_kwargs: `LlamaPhaseTrainer` loss weights.
+
+    Returns:
+        dict: the last logged value of every metric, plus `"schedule"`.
+    """
+    inputs = np.asarray(inputs, "int32")
+    targets = np.asarray(targets, "int32")
+    if inputs.shape != targets.shape or inputs.ndim != 2 or len(inputs) == 0:
+        raise ValueError(
+            f"inputs and targets must be equal non-empty (n, seq) arrays; got {inputs.shape} "
+            f"and {targets.shape}."
+        )
+    vocab = model.llama_config.vocab_size
+    if inputs.min() < 0 or max(inputs.max(), targets.max()) >= vocab:
+        raise ValueError(f"token ids must be in [0, {vocab}).")
+    target_capacity = model.llama_config.capacity
+    if phase in ("routers", "full") and capacity_start is not None:
+        schedule = capacity_schedule(capacity_start, target_capacity, steps)
+    else:
+        schedule = [(target_capacity, steps)]
+    trainer = LlamaPhaseTrainer(model, phase, seed=seed, **trainer_kwargs)
+    warmup = min(max(steps // 10, 1), steps - 1) if steps > 1 else 0
+    rate = keras.optimizers.schedules.CosineDecay(
+        0.0 if warmup else learning_rate,
+        decay_steps=max(steps - warmup, 1),
+        alpha=0.1,
+        warmup_target=learning_rate if warmup else None,
+        warmup_steps=warmup,
+    )
+    trainer.compile(optimizer=keras.optimizers.AdamW(rate, weight_decay=0.0, clipnorm=1.0))
+    rng = np.random.default_rng(seed)
+    logs = {}
+    for capacity, stage_steps in schedule:
+        for router in model.routers:
+            router.capacity = float(capacity)
+        trainer.train_function = None  # the routed count is static: retrace
+        order = rng.integers(0, len(inputs), stage_steps * batch_size)
+        history = trainer.fit(
+            inputs[order],
+            targets[order],
+            batch_size=batch_size,
+            epochs=1,
+            shuffle=False,
+            verbose=verbose,
+        )
+        logs = {k: float(v[-1]) for k, v in history.history.items()}
+    for router in model.routers:
+        router.capacity = float(target_capacity)
+    model.set_phase("frozen")
+    logs["schedule"] = [[float(c), int(s)] for c, s in schedule]
+    return logs
+
+
+def exit_depth_threshold(model, token_ids, target_layer: float, batch_size: int = 8) -> float:
+    """The gate threshold whose first-passing-exit depth averages `target_layer` on
+    these tokens (teacher-forced, causal routing): a bisection over [0, 1]."""
+    if not model.gates:
+        raise ValueError("the model has no exit gates.")
+    if not 1 <= target_layer <= model.num_layers:
+        raise ValueError(f"target_layer must be in [1, {model.num_layers}]; got {target_layer}.")
+    confidences = []
+    for batch in _batches(token_ids, batch_size):
+        states = forward_exits(model, batch, routing="predictor")["normed"][:-1]
+        confidences.append(
+            np.stack([np.asarray(g(s)) for g, s in zip(model.gates, states, strict=True)])
+        )
+    confidence = np.concatenate([c.reshape(c.shape[0], -1) for c in confidences], axis=1)
+    layers = np.asarray(model.exit_layers[:-1], "float64")
+
+    def depth(threshold):
+        passed = confidence > threshold
+        first = np.where(passed.any(0), layers[np.argmax(passed, axis=0)], model.num_layers)
+        return float(first.mean())
+
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        if depth(middle) < target_layer:
+            low = middle
+        else:
+            high = middle
+    return float(high if math.isfinite(high) else 1.0)
