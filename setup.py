@@ -18,9 +18,15 @@ setup(
         "absl-py",
         "sentencepiece",
         "matplotlib",
+        # The Llama loader: safetensors checkpoints (bf16 through ml_dtypes), hf:// handles.
+        "safetensors",
+        "ml_dtypes",
+        "huggingface_hub",
     ],
     extras_require={
         # jax: the no-TensorFlow import test runs the layers on the JAX backend.
-        "test": ["pytest", "ruff", "jax"],
+        # torch + transformers: the Llama loader's parity test (install the CPU build of
+        # torch first on a machine without a GPU; .ci/run does).
+        "test": ["pytest", "ruff", "jax", "torch", "transformers"],
     },
 )

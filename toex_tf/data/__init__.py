@@ -13,6 +13,7 @@ from toex_tf.data.corpus import (
 from toex_tf.data.token_stream import encode_documents, lm_windows, token_frequencies
 from toex_tf.data.tokenizers import (
     ByteTokenizer,
+    HFJsonTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
     load_tokenizer,
@@ -21,6 +22,7 @@ from toex_tf.data.tokenizers import (
 
 __all__ = [
     "ByteTokenizer",
+    "HFJsonTokenizer",
     "SentencePieceTokenizer",
     "Tokenizer",
     "builtin_corpus",

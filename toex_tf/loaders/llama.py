@@ -1,0 +1,445 @@
+"""Imports Hugging Face Llama checkpoints (TinyLlama-1.1B) into `HierarchicalLlama`.
+
+A checkpoint is a directory with `config.json` and `model.safetensors` (or shards listed
+in `model.safetensors.index.json`), in bf16, fp16 or fp32, plus an optional tokenizer
+(`tokenizer.model` or `tokenizer.json`). Handles:
+
+    /path/to/dir                 a local directory (`save_pretrained` layout)
+    hf://org/name[@revision]     the Hugging Face cache (`huggingface_hub`); offline with
+                                 `HF_HUB_OFFLINE=1`, which never downloads
+    kaggle://owner/model/...     a Kaggle Models handle (`kagglehub.model_download`)
+    https://tfhub.dev/... or
+    https://www.kaggle.com/models/...
+                                 a TF-Hub handle (`tensorflow_hub.resolve`)
+
+each resolved to a directory holding the same files. Every weight goes through one
+mapping table with a shape check; missing or unexpected keys, shape mismatches,
+truncated files and an unknown `model_type` raise errors that name the key or the file.
+
+`export_llama` writes the base of a `HierarchicalLlama` back in the same layout, so a
+model pretrained here is a checkpoint like any other (and `transformers` reads it).
+"""
+
+import json
+import os
+
+import keras
+import ml_dtypes  # noqa: F401 - registers bfloat16 with NumPy before safetensors reads it
+import numpy as np
+
+from toex_tf.config import LlamaConfig
+from toex_tf.layers import SkipRouter
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Buffers some checkpoints carry that hold no weights (recomputed from the config).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: the message names the file or the key."""
+
+
+def resolve_handle(handle: str) -> str:
+    """A local directory holding the checkpoint of `handle` (see the module docstring)."""
+    if not isinstance(handle, str) or not handle:
+        raise CheckpointError(f"handle must be a non-empty string; got {handle!r}.")
+    if handle.startswith("hf://"):
+        return _resolve_hf(handle[len("hf://") :])
+    if handle.startswith("kaggle://"):
+        return _resolve_kaggle(handle[len("kaggle://") :])
+    if handle.startswith(("https://tfhub.dev/", "https://www.kaggle.com/models/", "tfhub://")):
+        return _resolve_tfhub(handle.replace("tfhub://", "https://tfhub.dev/", 1))
+    path = os.path.expanduser(handle)
+    if not os.path.isdir(path):
+        raise CheckpointError(
+            f"checkpoint directory {path!r} does not exist (expected a directory with "
+            f"{CONFIG_FILE} and {WEIGHTS_FILE}, or an hf://, kaggle:// or TF-Hub handle)."
+        )
+    return path
+
+
+def _resolve_hf(repo: str) -> str:
+    try:
+        from huggingface_hub import snapshot_download  # noqa: PLC0415 - optional
+    except ImportError:
+        raise CheckpointError(
+            "hf:// handles need huggingface_hub: pip install huggingface_hub."
+        ) from None
+    repo_id, _, revision = repo.partition("@")
+    if repo_id.count("/") != 1:
+        raise CheckpointError(f"hf:// handle must be hf://org/name[@revision]; got {repo!r}.")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    try:
+        return snapshot_download(
+            repo_id,
+            revision=revision or None,
+            local_files_only=offline,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer.model"],
+        )
+    except Exception as error:  # noqa: BLE001 - huggingface_hub raises many types
+        where = "the local Hugging Face cache" if offline else "the Hugging Face Hub"
+        raise CheckpointError(
+            f"cannot resolve hf://{repo} from {where}: {type(error).__name__}: {error}"
+        ) from error
+
+
+def _resolve_kaggle(handle: str) -> str:
+    try:
+        import kagglehub  # noqa: PLC0415 - optional
+    except ImportError:
+        raise CheckpointError("kaggle:// handles need kagglehub: pip install kagglehub.") from None
+    try:
+        return kagglehub.model_download(handle)
+    except Exception as error:  # noqa: BLE001
+        raise CheckpointError(
+            f"cannot resolve kaggle://{handle}: {type(error).__name__}: {error}"
+        ) from error
+
+
+def _resolve_tfhub(handle: str) -> str:
+    try:
+        import tensorflow_hub  # noqa: PLC0415 - optional
+    except ImportError:
+        raise CheckpointError(
+            f"{handle} needs tensorflow_hub: pip install tensorflow-hub."
+        ) from None
+    try:
+        return tensorflow_hub.resolve(handle)
+    except Exception as error:  # noqa: BLE001
+        raise CheckpointError(
+            f"cannot resolve {handle}: {type(error).__name__}: {error}"
+        ) from error
+
+
+def read_hf_config(directory: str) -> dict:
+    """The checkpoint's `config.json` as a dict."""
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing: a Llama checkpoint needs its {CONFIG_FILE}.")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object.")
+    return config
+
+
+def _rope_theta(config: dict, path: str) -> float:
+    # transformers >= 5 writes `rope_parameters`; older checkpoints (TinyLlama) a flat
+    # `rope_theta` and an optional `rope_scaling`.
+    parameters = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling")
+    rope_type = parameters.get("rope_type") or (scaling or {}).get("rope_type") or "default"
+    if scaling and not parameters:
+        rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise CheckpointError(
+            f"{path}: RoPE scaling {rope_type!r} is not supported; only plain RoPE "
+            f"(rope_type 'default') is."
+        )
+    return float(parameters.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def llama_config_from_hf(config: dict, path: str = CONFIG_FILE, **overrides) -> LlamaConfig:
+    """Maps a Hugging Face Llama `config.json` dict to a `LlamaConfig`.
+
+    Args:
+        config: the parsed `config.json`.
+        path: its path, for error messages.
+        **overrides: `LlamaConfig` fields set on top (`exit_layers`, `capacity`,
+            `max_length`, ...).
+    """
+    model_type = config.get("model_type")
+    if model_type != "llama":
+        raise CheckpointError(
+            f"{path}: model_type {model_type!r} is not supported; load_llama reads "
+            f"model_type 'llama' checkpoints."
+        )
+    activation = config.get("hidden_act", "silu")
+    if activation != "silu":
+        raise CheckpointError(f"{path}: hidden_act {activation!r} is not supported (only silu).")
+    for flag in ("attention_bias", "mlp_bias"):
+        if config.get(flag):
+            raise CheckpointError(f"{path}: {flag}=true is not supported.")
+    required = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "rms_norm_eps",
+    )
+    missing = [name for name in required if name not in config]
+    if missing:
+        raise CheckpointError(f"{path}: missing fields {missing}.")
+    fields = dict(
+        vocab_size=int(config["vocab_size"]),
+        max_length=int(config.get("max_position_embeddings", 2048)),
+        hidden_dim=int(config["hidden_size"]),
+        num_layers=int(config["num_hidden_layers"]),
+        num_heads=int(config["num_attention_heads"]),
+        num_kv_heads=int(config.get("num_key_value_heads") or config["num_attention_heads"]),
+        head_dim=config.get("head_dim"),
+        intermediate_dim=int(config["intermediate_size"]),
+        # Taken from the checkpoint, never a default (DESIGN.md §4).
+        norm_epsilon=float(config["rms_norm_eps"]),
+        rope_theta=_rope_theta(config, path),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )
+    try:
+        return LlamaConfig(**{**fields, **overrides})
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: {error}") from error
+
+
+def _weight_files(directory: str) -> list[str]:
+    index = os.path.join(directory, INDEX_FILE)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {error}") from error
+        files = sorted(set(weight_map.values()))
+    elif os.path.isfile(os.path.join(directory, WEIGHTS_FILE)):
+        files = [WEIGHTS_FILE]
+    else:
+        raise CheckpointError(
+            f"{directory} has neither {WEIGHTS_FILE} nor {INDEX_FILE} (only safetensors "
+            f"checkpoints are read)."
+        )
+    paths = [os.path.join(directory, name) for name in files]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise CheckpointError(f"weight file {path} (listed in {INDEX_FILE}) is missing.")
+    return paths
+
+
+def read_safetensors(directory: str) -> dict:
+    """Every tensor of the checkpoint in `directory` as NumPy arrays, by key.
+
+    bf16 tensors come back as `ml_dtypes.bfloat16` arrays.
+    """
+    from safetensors import safe_open  # noqa: PLC0415 - a heavy import, only for loading
+
+    tensors = {}
+    for path in _weight_files(directory):
+        try:
+            with safe_open(path, framework="numpy") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    if key in tensors:
+                        raise CheckpointError(f"key {key!r} appears in two shards ({path}).")
+                    tensors[key] = f.get_tensor(key)
+        except CheckpointError:
+            raise
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own types
+            raise CheckpointError(
+                f"cannot read {path} (truncated or corrupt safetensors file?): "
+                f"{type(error).__name__}: {error}"
+            ) from error
+    return tensors
+
+
+def weight_table(model) -> list[tuple[str, object, bool]]:
+    """The mapping `(hf_key, keras_variable, transpose)` for the base of `model`.
+
+    Hugging Face stores Linear weights `(out, in)`; Keras kernels are `(in, out)`.
+    """
+    embedding = model.token_embedding
+    table = [("model.embed_tokens.weight", embedding.embeddings, False)]
+    if not model.llama_config.tie_embeddings:
+        table.append(("lm_head.weight", embedding.output_embeddings, False))
+    for index, block in enumerate(model.blocks):
+        prefix = f"model.layers.{index}."
+        transformer = block.block
+        attention = transformer.self_attention
+        ffn = transformer.ffn.layer if isinstance(transformer.ffn, SkipRouter) else transformer.ffn
+        table += [
+            (prefix + "input_layernorm.weight", transformer.attention_norm.scale, False),
+            (prefix + "self_attn.q_proj.weight", attention.query_dense.kernel, True),
+            (prefix + "self_attn.k_proj.weight", attention.key_dense.kernel, True),
+            (prefix + "self_attn.v_proj.weight", attention.value_dense.kernel, True),
+            (prefix + "self_attn.o_proj.weight", attention.output_dense.kernel, True),
+            (prefix + "post_attention_layernorm.weight", transformer.ffn_norm.scale, False),
+            (prefix + "mlp.gate_proj.weight", ffn.gate_dense.kernel, True),
+            (prefix + "mlp.up_proj.weight", ffn.up_dense.kernel, True),
+            (prefix + "mlp.down_proj.weight", ffn.down_dense.kernel, True),
+        ]
+    table.append(("model.norm.weight", model.blocks[-1].exit_norm.scale, False))
+    return table
+
+
+def assign_hf_weights(model, tensors: dict, source: str = "checkpoint") -> None:
+    """Assigns Hugging Face Llama `tensors` to `model`'s base, checking every key and shape.
+
+    The non-final exits' norms start as copies of the final norm (`model.norm`); routers
+    and gates keep their fresh initialisation (they are trained on the frozen base).
+
+    Raises:
+        CheckpointError: missing or unexpected keys, or a shape mismatch, named.
+    """
+    table = weight_table(model)
+    expected = {key for key, _, _ in table}
+    present = {key for key in tensors if not key.endswith(IGNORED_SUFFIXES)}
+    if model.llama_config.tie_embeddings:
+        present.discard("lm_head.weight")  # some tied checkpoints store the copy
+    missing = sorted(expected - present)
+    if missing:
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise CheckpointError(f"{source}: {len(missing)} missing weight(s): {shown}")
+    unexpected = sorted(present - expected)
+    if unexpected:
+        shown = ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else "")
+        raise CheckpointError(
+            f"{source}: {len(unexpected)} unexpected weight(s) (not a plain Llama of this "
+            f"config?): {shown}"
+        )
+    values = []
+    for key, variable, transpose in table:
+        value = np.asarray(tensors[key])
+        if transpose:
+            value = value.T
+        if tuple(value.shape) != tuple(variable.shape):
+            wanted = tuple(variable.shape)[::-1] if transpose else tuple(variable.shape)
+            raise CheckpointError(
+                f"{source}: weight {key!r} has shape {tuple(tensors[key].shape)}; the "
+                f"config expects {wanted}."
+            )
+        values.append((variable, value))
+    for variable, value in values:  # nothing is assigned unless every check passed
+        variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
+    final_norm = tensors["model.norm.weight"]
+    for block in model.blocks[:-1]:
+        if block.exit_norm is not None:
+            block.exit_norm.scale.assign(np.asarray(final_norm).astype("float32"))
+
+
+def load_llama(
+    handle: str,
+    exit_layers=(),
+    capacity: float = 1.0,
+    dtype: str = "float32",
+    load_tokenizer: bool = True,
+    **overrides,
+):
+    """Loads a Llama checkpoint as a `HierarchicalLlama`.
+
+    Args:
+        handle: a local directory, `hf://org/name`, `kaggle://...` or a TF-Hub handle.
+        exit_layers: the exits (1-based layers) besides the final one; `()` none.
+        capacity: FFN routing capacity in (0, 1]; `1.0`: no routers.
+        dtype: the model's dtype policy (`"float32"`, `"bfloat16"`, ...). The weights
+            are cast from the checkpoint's dtype.
+        load_tokenizer: read `tokenizer.model` / `tokenizer.json` when present, into
+            `model.tokenizer` (None when absent).
+        **overrides: other `LlamaConfig` fields (`max_length`, `shortlist_size`,
+            `gate_units`, ...).
+
+    Returns:
+        The model, base frozen. With `exit_layers=()` and `capacity=1.0`,
+        `model(token_ids)` on int32 `(batch, seq)` returns the final logits
+        `(batch, seq, vocab)`.
+    """
+    from toex_tf.models.llama import build_llama  # noqa: PLC0415 - models import loaders
+
+    directory = resolve_handle(handle)
+    config_path = os.path.join(directory, CONFIG_FILE)
+    config = llama_config_from_hf(
+        read_hf_config(directory),
+        path=config_path,
+        exit_layers=exit_layers,
+        capacity=capacity,
+        **overrides,
+    )
+    tensors = read_safetensors(directory)
+    model = build_llama(config, dtype=dtype)
+    assign_hf_weights(model, tensors, source=directory)
+    model.tokenizer = load_llama_tokenizer(directory) if load_tokenizer else None
+    return model
+
+
+def load_llama_tokenizer(directory: str):
+    """The checkpoint's tokenizer, or None: `tokenizer.model` (SentencePiece) first,
+    then `tokenizer.json` (the `tokenizers` library)."""
+    from toex_tf.data.tokenizers import (  # noqa: PLC0415
+        HFJsonTokenizer,
+        SentencePieceTokenizer,
+        load_tokenizer,
+    )
+
+    sentencepiece_file = os.path.join(directory, "tokenizer.model")
+    if os.path.isfile(sentencepiece_file):
+        return SentencePieceTokenizer(sentencepiece_file)
+    json_file = os.path.join(directory, "tokenizer.json")
+    if os.path.isfile(json_file):
+        if _is_toex_manifest(json_file):  # written by toex_tf's Tokenizer.save
+            return load_tokenizer(directory)
+        return HFJsonTokenizer(json_file)
+    return None
+
+
+def _is_toex_manifest(path: str) -> bool:
+    # toex_tf's tokenizer manifest is a small {"type": ...} object; a Hugging Face
+    # tokenizer.json has "model" and no "type" at the top level.
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return False
+    return isinstance(content, dict) and "type" in content and "model" not in content
+
+
+def export_llama(model, directory: str, dtype: str = "float32") -> str:
+    """Writes the base of `model` as a Hugging Face Llama checkpoint in `directory`.
+
+    `config.json` plus `model.safetensors` (`dtype`: `"float32"`, `"float16"` or
+    `"bfloat16"`). Routers, gates and non-final exit norms are not part of a Llama
+    checkpoint; save the whole model with `model.save(...)` for those.
+
+    Returns:
+        `directory`.
+    """
+    from safetensors.numpy import save_file  # noqa: PLC0415
+
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16; got {dtype!r}.")
+    config = model.llama_config
+    os.makedirs(directory, exist_ok=True)
+    tensors = {}
+    for key, variable, transpose in weight_table(model):
+        value = np.asarray(keras.ops.convert_to_numpy(variable)).astype("float32")
+        tensors[key] = np.ascontiguousarray(value.T if transpose else value).astype(
+            ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
+        )
+    hf_config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_dim,
+        "intermediate_size": config.intermediate_dim,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_length,
+        "rms_norm_eps": config.norm_epsilon,
+        "rope_theta": config.rope_theta,
+        "tie_word_embeddings": config.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": dtype,
+    }
+    # Write to temporary names, then rename: an interrupted export never leaves a
+    # half-written checkpoint under the real names.
+    weights_path = os.path.join(directory, WEIGHTS_FILE)
+    save_file(tensors, weights_path + ".tmp", metadata={"format": "pt"})
+    with open(os.path.join(directory, CONFIG_FILE + ".tmp"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    os.replace(weights_path + ".tmp", weights_path)
+    os.replace(os.path.join(directory, CONFIG_FILE + ".tmp"), os.path.join(directory, CONFIG_FILE))
+    return directory
