@@ -356,3 +356,71 @@ def test_train_gates_then_generate_with_the_learned_criterion(trained_tiny, tmp_
     bad = _run(*common, "--decision_layers=5")
     assert bad.returncode != 0 and "carry no exit head" in bad.stderr, bad.stderr[-2000:]
     assert "Traceback" not in bad.stderr
+
+
+LLAMA = [
+    "--model=llama",
+    "--llama_preset=llama-tiny",
+    "--tokenizer=byte",
+    "--seq_len=16",
+    "--batch_size=4",
+    "--eval_windows=4",
+]
+
+
+def test_llama_phases_then_quality_table(tmp_path):
+    glob = _write_corpus(tmp_path / "corpus")
+    data = f"--dataset=text:{glob}"
+    base, routed = tmp_path / "base", tmp_path / "routed"
+    result = _run(*LLAMA, data, "--phase=base", "--train_steps=6", f"--output_dir={base}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (base / "hf" / "config.json").exists() and (base / "hf" / "model.safetensors").exists()
+    result = _run(
+        *LLAMA,
+        data,
+        "--phase=routers",
+        "--capacity=0.5",
+        "--train_steps=8",
+        f"--init_from={base / 'hf'}",
+        f"--output_dir={routed}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = _run(
+        *LLAMA,
+        data,
+        "--phase=exits",
+        "--train_steps=4",
+        f"--init_from={routed / 'model.keras'}",
+        f"--output_dir={routed}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = _run(
+        *LLAMA,
+        data,
+        "--mode=eval",
+        "--exit_depth=1.5",
+        "--llama_capacities=0.5",
+        f"--output_dir={routed}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = json.loads((routed / "llama_results.json").read_text())
+    rows = table["rows"]
+    assert [(r["capacity"], r["exits"]) for r in rows] == [(1.0, False), (0.5, False), (0.5, True)]
+    for row in rows[1:]:
+        assert row["perplexity"] > 0 and "perplexity_increase" in row
+        assert row["measured_speedup"] > 0 and row["counted_speedup"] > 0
+
+
+def test_llama_bad_phase_setup_fails_clearly(tmp_path):
+    glob = _write_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    result = _run(*LLAMA, f"--dataset=text:{glob}", "--phase=routers", f"--output_dir={out}")
+    assert result.returncode != 0 and "needs --init_from" in result.stderr
+    result = _run(
+        *LLAMA,
+        f"--dataset=text:{glob}",
+        "--phase=routers",
+        f"--init_from={tmp_path / 'nowhere'}",
+        f"--output_dir={out}",
+    )
+    assert result.returncode != 0 and "does not exist" in result.stderr

@@ -31,6 +31,7 @@ from absl import app, flags  # noqa: E402
 
 from toex_tf.config import (  # noqa: E402
     EXIT_WEIGHT_SCHEDULES,
+    LLAMA_PRESETS,
     PRESETS,
     DataConfig,
     EvalConfig,
@@ -45,7 +46,29 @@ FLAGS = flags.FLAGS
 MODES = ["train", "eval", "train_and_eval", "generate", "benchmark", "calibrate", "train_gates"]
 flags.DEFINE_enum("mode", "train_and_eval", MODES, "What to run.")
 flags.DEFINE_string("output_dir", None, "Where the model, results and logs go.")
-flags.DEFINE_enum("model", "gpt", ["gpt"], "Model family.")
+flags.DEFINE_enum("model", "gpt", ["gpt", "llama"], "Model family.")
+flags.DEFINE_enum(
+    "phase",
+    None,
+    ["base", "routers", "exits", "full"],
+    "--model=llama training phase: base (pretrain), routers, exits or full (frozen base).",
+)
+flags.DEFINE_string(
+    "init_from", None, "--model=llama: a checkpoint handle (dir, hf://, kaggle://) or .keras file."
+)
+flags.DEFINE_enum("llama_preset", "llama-small", sorted(LLAMA_PRESETS), "--phase=base: size.")
+flags.DEFINE_list("llama_exit_layers", [], "--model=llama exits; empty: the preset's.")
+flags.DEFINE_float("capacity_start", 0.9, "--phase=routers/full: schedule start.", 0.01, 1.0)
+flags.DEFINE_float("compute_weight", 0.5, "--phase=exits/full: exit-depth penalty.", 0.0)
+flags.DEFINE_float(
+    "exit_depth", 0.0, "--model=llama eval: target average exit layer (0: no exits)."
+)
+flags.DEFINE_float(
+    "target_speedup", 0.0, "--model=llama: search capacity for this measured speedup."
+)
+flags.DEFINE_list(
+    "llama_capacities", ["0.9", "0.7", "0.55", "0.4"], "--model=llama eval capacities."
+)
 flags.DEFINE_enum("preset", "quickstart", sorted(PRESETS), "Named model size.")
 flags.DEFINE_integer("hidden_dim", None, "Override the preset's width.", lower_bound=1)
 flags.DEFINE_integer("num_layers", None, "Override the preset's depth.", lower_bound=1)
@@ -301,6 +324,9 @@ def _main(argv):
 
     overrides, data, train, evaluation = _configs()
     flag_values = _flag_dict()
+    if FLAGS.model == "llama":
+        _llama(pipeline, data, train, flag_values)
+        return
     if FLAGS.mode == "generate" and FLAGS.prompt is None:
         raise ValueError("--mode=generate needs --prompt.")
     if FLAGS.mode == "calibrate" and FLAGS.decode_mode not in BENCHMARK_MODES:
@@ -364,6 +390,60 @@ def _main(argv):
             config={"flags": flag_values},
         )
     _append_to_config_log(flag_values, results=results)
+
+
+def _llama(pipeline, data, train, flag_values):
+    """--model=llama: a training phase, the quality table (--mode=eval) or a speed search."""
+    from toex_tf import llama_jobs  # noqa: PLC0415
+
+    if FLAGS.phase is None and FLAGS.mode not in ("eval",) and not FLAGS.target_speedup:
+        raise ValueError("--model=llama needs --phase, --mode=eval or --target_speedup.")
+    exit_layers = tuple(int(v) for v in FLAGS.llama_exit_layers)
+    if not exit_layers:
+        exit_layers = LLAMA_PRESETS.get(FLAGS.llama_preset, {}).get(
+            "exit_layers", (4, 8, 12, 16, 19)
+        )
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    prepared = pipeline.prepare_data(data, train.seq_len, FLAGS.output_dir, seed=train.seed)
+    outcome = {}
+    if FLAGS.phase is not None:
+        outcome["logs"] = llama_jobs.run_phase(
+            FLAGS.phase,
+            prepared,
+            FLAGS.output_dir,
+            train.steps,
+            train.batch_size,
+            train.learning_rate,
+            init_from=FLAGS.init_from,
+            preset=FLAGS.llama_preset,
+            exit_layers=exit_layers,
+            capacity=FLAGS.capacity,
+            capacity_start=FLAGS.capacity_start,
+            seed=train.seed,
+            compute_weight=FLAGS.compute_weight,
+        )
+    model_path = os.path.join(FLAGS.output_dir, "model.keras")
+    if FLAGS.mode == "eval" or FLAGS.target_speedup:
+        model = llama_jobs.init_llama(FLAGS.init_from or model_path, exit_layers, FLAGS.capacity)
+        if FLAGS.target_speedup:
+            outcome["search"] = llama_jobs.search_capacity(
+                model,
+                prepared.val_inputs[-1:, :16],
+                prepared.train_inputs[:64],
+                FLAGS.target_speedup,
+                exit_depth=FLAGS.exit_depth or None,
+            )
+            print(json.dumps(outcome["search"]))
+        if FLAGS.mode == "eval":
+            outcome["results"] = llama_jobs.evaluate(
+                model,
+                prepared,
+                FLAGS.output_dir,
+                capacities=[float(c) for c in FLAGS.llama_capacities],
+                exit_depth=FLAGS.exit_depth or None,
+                eval_windows=FLAGS.eval_windows,
+            )
+    _append_to_config_log(flag_values, **outcome)
 
 
 def _append_to_config_log(flag_values: dict, **outcome) -> None:

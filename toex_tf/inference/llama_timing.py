@@ -1,0 +1,188 @@
+"""Decode speed of a `HierarchicalLlama` with FFN skip routers and exits, measured.
+
+Full depth is the same model with every FFN run (`routing="all"`) and no exit, timed
+alternately with each setting in the same process (`time_pair`). Counted cost: MACs per
+token from `LlamaCost`, with the routed share of FFNs measured on the generated tokens
+(teacher-forced, causal routing: the decisions the decode loop made).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy
+from toex_tf.inference.timing import compile_generate, speed_row, time_pair, time_run
+from toex_tf.training.llama_training import calibrate_routers, exit_depth_threshold, routed_fraction
+
+
+@dataclass(frozen=True)
+class LlamaCost:
+    """MACs per decoded token of the parts of a Llama layer (DESIGN.md §4).
+
+    Attributes:
+        projections: Q, K, V and O projections of one layer.
+        attention: scores and weighted sum over the average context.
+        ffn: the SwiGLU FFN (gate, up, down).
+        router: the causal predictor of a `SkipRouter` (0 without routers).
+        kv: the K and V projections alone (frozen mode pays them for skipped layers).
+        head: the full LM head, paid once per token.
+        gate: one exit gate check (a linear probe on the hidden state).
+        num_layers: depth.
+    """
+
+    projections: float
+    attention: float
+    ffn: float
+    router: float
+    kv: float
+    head: float
+    gate: float
+    num_layers: int
+
+    @classmethod
+    def for_llama(cls, model, context_length: float) -> "LlamaCost":
+        config = model.llama_config
+        d, heads, kv_heads, head_dim = (
+            config.hidden_dim,
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+        )
+        kv = 2 * d * kv_heads * head_dim
+        router = 0.0
+        if config.capacity < 1.0:
+            router = d * config.router_hidden_dim + config.router_hidden_dim
+        return cls(
+            projections=float(2 * d * heads * head_dim + kv),
+            attention=float(2 * context_length * heads * head_dim),
+            ffn=float(3 * d * config.intermediate_dim),
+            router=float(router),
+            kv=float(kv),
+            head=float(config.vocab_size * d),
+            gate=float(d * (config.gate_units or 1)),
+            num_layers=config.num_layers,
+        )
+
+    @property
+    def full_depth(self) -> float:
+        """Every layer, every FFN, no router, no check: the baseline."""
+        return self.num_layers * (self.projections + self.attention + self.ffn) + self.head
+
+    def cost(self, routed: float, avg_layers: float, checks: float, frozen: bool) -> float:
+        """MACs per token: `avg_layers` layers whose FFN runs for a `routed` share,
+        `checks` gate checks, and (frozen mode) K/V of the skipped layers."""
+        layer = self.projections + self.attention + routed * self.ffn + self.router
+        skipped = (self.num_layers - avg_layers) * self.kv if frozen else 0.0
+        return avg_layers * layer + checks * self.gate + skipped + self.head
+
+    def ffn_share(self) -> float:
+        """The FFN's share of one layer (79% on TinyLlama)."""
+        return self.ffn / (self.projections + self.attention + self.ffn)
+
+
+def _checks(exit_layers, avg_layers):
+    return float(sum(e <= avg_layers for e in exit_layers[:-1]))
+
+
+def measure_llama_speed(
+    model,
+    prompt: np.ndarray,
+    calibration: np.ndarray,
+    new_tokens: int,
+    capacities=(0.9, 0.7, 0.55, 0.4),
+    exit_depth: float | None = 12.0,
+    mode: str = "frozen",
+    repeats: int = 3,
+    max_length: int | None = None,
+    log: Callable[[str], None] | None = print,
+    jit_compile: bool = False,
+) -> list[dict]:
+    """Times full depth, then each capacity without and (with `exit_depth`) with exits.
+
+    Args:
+        model: a `HierarchicalLlama` with routers (and gates, for the exit rows).
+        prompt: int `(batch, prompt_length)`.
+        calibration: int `(n, seq)` tokens that calibrate the router thresholds (and the
+            gate threshold reaching an average exit layer of `exit_depth`); None: the
+            prompt plus its full-depth continuation (the tokens decoding sees).
+        new_tokens: tokens generated per row.
+        capacities: routed shares to time.
+        exit_depth: the target average exit layer of the exit rows; None: no exit rows.
+        mode: the exit mode of the exit rows (`"frozen"` or `"lazy"`).
+        repeats: timed calls per setting (median).
+        max_length: KV-cache length (default: prompt + new tokens).
+        log: called with each row's summary.
+        jit_compile: TensorFlow: compile with XLA too.
+
+    Returns:
+        Rows (`speed_row` fields plus `capacity`, `exits`, `routed_fraction`,
+        `counted_speedup`, `gate_threshold`).
+    """
+    prompt = np.asarray(prompt, "int32")
+    batch, prompt_length = prompt.shape
+    length = max_length or prompt_length + new_tokens
+    full_adapter = DecoderAdapter.from_llama(model, length, routing="all")
+    adapter = DecoderAdapter.from_llama(model, length)
+    cost = LlamaCost.for_llama(model, prompt_length + new_tokens / 2)
+    full_run = compile_generate(full_adapter, new_tokens, ExitPolicy("full"), jit_compile)
+    full_seconds, full_out = time_run(full_run, prompt, repeats)
+    if calibration is None:
+        # The decode-time distribution: the prompt and its full-depth continuation.
+        calibration = np.concatenate([prompt, np.asarray(full_out[0])], axis=1)
+    rows = [
+        speed_row(
+            batch * new_tokens / full_seconds,
+            batch * new_tokens / full_seconds,
+            1.0,
+            float(cost.num_layers),
+            batch,
+            mode="full",
+            capacity=1.0,
+            exits=False,
+            routed_fraction=1.0,
+            counted_speedup=1.0,
+            gate_threshold=None,
+        )
+    ]
+    if log:
+        log(f"full depth: {rows[0]['tokens_per_s']:.2f} tok/s")
+    settings = [(c, False) for c in capacities]
+    if exit_depth is not None:
+        settings += [(c, True) for c in capacities]
+    for capacity, exits in settings:
+        calibrate_routers(model, calibration, capacity)
+        policy, threshold = ExitPolicy("full"), None
+        if exits:
+            threshold = exit_depth_threshold(model, calibration, exit_depth)
+            policy = ExitPolicy(mode, "learned", threshold)
+        run = compile_generate(adapter, new_tokens, policy, jit_compile)
+        seconds, reference, out = time_pair(run, full_run, prompt, repeats)
+        tokens = np.concatenate([prompt, np.asarray(out[0])], axis=1)
+        routed = routed_fraction(model, tokens)
+        avg_layers = float(cost.num_layers)
+        if exits:
+            avg_layers = float(out[2]["layers_run"]) / max(float(out[2]["steps"]), 1.0)
+        checks = _checks(model.exit_layers, avg_layers) if exits else 0.0
+        counted = cost.full_depth / cost.cost(routed, avg_layers, checks, mode == "frozen")
+        row = speed_row(
+            batch * new_tokens / seconds,
+            batch * new_tokens / reference,
+            counted,
+            avg_layers,
+            batch,
+            mode=policy.mode,
+            capacity=float(capacity),
+            exits=exits,
+            routed_fraction=routed,
+            counted_speedup=counted,
+            gate_threshold=threshold,
+        )
+        rows.append(row)
+        if log:
+            log(
+                f"capacity {capacity:.2f} exits={exits}: {row['tokens_per_s']:.2f} tok/s, "
+                f"x{row['measured_speedup']:.2f} measured, x{counted:.2f} counted, routed "
+                f"{routed:.2f}, layers {avg_layers:.1f}"
+            )
+    return rows
