@@ -154,3 +154,25 @@ def test_never_exit_and_lazy_match_full_with_routers():
 def test_adapter_rejects_a_cache_longer_than_the_model():
     with pytest.raises(ValueError, match="exceeds the model's max_length"):
         DecoderAdapter.from_llama(_model(), max_length=1000)
+
+
+def test_gumbel_gate_samples_are_hard_with_a_straight_through_gradient():
+    import tensorflow as tf
+
+    from toex_tf.layers import GumbelExitGate
+
+    gate = GumbelExitGate(backward_temperature=2.0, kernel_initializer="glorot_uniform")
+    hidden = tf.constant(RNG.normal(size=(4, 8, 16)), "float32")
+    gate.build(hidden.shape)
+    with tf.GradientTape() as tape:
+        sample = gate.sample(hidden, seed=0)
+        loss = tf.reduce_sum(sample)
+    values = np.asarray(sample)
+    assert set(np.unique(values)) <= {0.0, 1.0} and 0 < values.mean() < 1
+    gradient = tape.gradient(loss, gate.kernel)
+    assert gradient is not None and np.abs(np.asarray(gradient)).max() > 0
+    # Without noise the hard decision is the sign of the logit: confidence > 0.5.
+    hard = np.asarray(gate.sample(hidden, noise=False))
+    np.testing.assert_array_equal(hard, (np.asarray(gate(hidden)) > 0.5).astype("float32"))
+    with pytest.raises(ValueError, match="backward_temperature must be > 0"):
+        GumbelExitGate(backward_temperature=0.0)

@@ -183,7 +183,8 @@ class GumbelExitGate(LearnedExitGate):
             forward = ops.cast(ops.greater(logit, 0.0), "float32")
         else:
             forward = ops.sigmoid(logit / self.forward_temperature)
-        return ops.stop_gradient(forward) + soft_backward - ops.stop_gradient(soft_backward)
+        # `soft - stop_gradient(soft)` is exactly zero in value, so hard samples stay 0/1.
+        return ops.stop_gradient(forward) + (soft_backward - ops.stop_gradient(soft_backward))
 
     def get_config(self):
         return {
