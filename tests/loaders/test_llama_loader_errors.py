@@ -26,12 +26,12 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 CONFIG = "config.json"
-VOCAB = 128
+VOCAB = 512  # above the 300-piece SentencePiece models of the tokenizer tests
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    """A 2-layer checkpoint (vocab 128, width 32, 4 heads, 2 kv heads, FFN 64)."""
+    """A 2-layer checkpoint (vocab 512, width 32, 4 heads, 2 kv heads, FFN 64)."""
     directory = tmp_path_factory.mktemp("tiny_llama")
     model = build_llama(
         "llama-tiny",
@@ -181,7 +181,7 @@ def test_rotary_inv_freq_buffers_are_ignored(ckpt):
     [
         ("model.layers.0.self_attn.k_proj.weight", lambda w: w.T.copy(), (32, 16), (16, 32)),
         ("model.layers.1.mlp.up_proj.weight", lambda w: w[:, :16].copy(), (64, 16), (64, 32)),
-        ("model.embed_tokens.weight", lambda w: w[:100].copy(), (100, 32), (128, 32)),
+        ("model.embed_tokens.weight", lambda w: w[:100].copy(), (100, 32), (VOCAB, 32)),
         ("model.norm.weight", lambda w: w[:31].copy(), (31,), (32,)),
     ],
 )
@@ -297,6 +297,11 @@ def test_nonexistent_directory_is_named(tmp_path):
         load_llama(str(missing))
 
 
+def test_a_file_handle_is_refused_with_a_hint(ckpt):
+    with pytest.raises(CheckpointError, match="is a file; a checkpoint handle is its directory"):
+        load_llama(str(ckpt / CONFIG))
+
+
 @pytest.mark.parametrize("handle", ["", None, 3])
 def test_empty_or_non_string_handle(handle):
     with pytest.raises(CheckpointError, match="non-empty string"):
@@ -390,6 +395,13 @@ def test_unsupported_architecture_fields_are_named(ckpt, change, match):
         (
             {"rope_parameters": {"rope_theta": 1e4}, "rope_scaling": {"rope_type": "dynamic"}},
             "dynamic",
+        ),
+        (  # scaling asked for in the old field while the new one says default
+            {
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+                "rope_scaling": {"rope_type": "llama3", "factor": 8.0},
+            },
+            "llama3",
         ),
     ],
 )
@@ -616,6 +628,21 @@ def test_sentencepiece_tokenizer_is_loaded(ckpt, tmp_path):
     assert load_llama(str(ckpt), load_tokenizer=False).tokenizer is None
 
 
+def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
+    pytest.importorskip("sentencepiece")
+    from toex_tf.data.tokenizers import SentencePieceTokenizer
+
+    small = tmp_path / "small"
+    model = build_llama("llama-tiny", exit_layers=(), capacity=1.0, vocab_size=128)
+    export_llama(model, str(small))
+    trained = SentencePieceTokenizer.train(_sentences(), 300, str(tmp_path / "sp"))
+    shutil.copy(trained.model_file, small / "tokenizer.model")
+    with pytest.raises(
+        CheckpointError, match="tokenizer has 300 tokens but the model's vocabulary is 128"
+    ):
+        load_llama(str(small))
+
+
 def test_sentencepiece_model_wins_over_tokenizer_json(ckpt, tmp_path):
     pytest.importorskip("sentencepiece")
     from toex_tf.data.tokenizers import SentencePieceTokenizer
@@ -668,6 +695,17 @@ def test_export_with_saved_tokenizer_round_trips(ckpt, tmp_path):
     text = "the cat sat on the mat"
     assert reloaded.tokenizer is not None
     assert reloaded.tokenizer.encode(text) == model.tokenizer.encode(text)
+
+
+def test_byte_tokenizer_saved_next_to_export_loads(ckpt):
+    """toex_tf's own manifest ({"type": "byte"}) under the name tokenizer.json."""
+    from toex_tf.data.tokenizers import ByteTokenizer
+
+    ByteTokenizer().save(str(ckpt))
+    assert json.loads((ckpt / "tokenizer.json").read_text()) == {"type": "byte"}
+    tokenizer = load_llama(str(ckpt)).tokenizer
+    assert isinstance(tokenizer, ByteTokenizer)
+    assert tokenizer.decode(tokenizer.encode("hé")) == "hé"
 
 
 # --- Exits and routers on a loaded checkpoint -------------------------------------------

@@ -52,6 +52,12 @@ def resolve_handle(handle: str) -> str:
     if handle.startswith(("https://tfhub.dev/", "https://www.kaggle.com/models/", "tfhub://")):
         return _resolve_tfhub(handle.replace("tfhub://", "https://tfhub.dev/", 1))
     path = os.path.expanduser(handle)
+    if os.path.isfile(path):
+        raise CheckpointError(
+            f"{path!r} is a file; a checkpoint handle is its directory (holding "
+            f"{CONFIG_FILE} and {WEIGHTS_FILE}). For a .keras file use "
+            f"keras.saving.load_model."
+        )
     if not os.path.isdir(path):
         raise CheckpointError(
             f"checkpoint directory {path!r} does not exist (expected a directory with "
@@ -71,6 +77,12 @@ def _resolve_hf(repo: str) -> str:
     if repo_id.count("/") != 1:
         raise CheckpointError(f"hf:// handle must be hf://org/name[@revision]; got {repo!r}.")
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    try:  # huggingface_hub reads the variable once, at import: either one means offline
+        from huggingface_hub import constants  # noqa: PLC0415
+
+        offline = offline or bool(constants.HF_HUB_OFFLINE)
+    except (ImportError, AttributeError):
+        pass
     try:
         return snapshot_download(
             repo_id,
@@ -132,15 +144,14 @@ def _rope_theta(config: dict, path: str) -> float:
     # transformers >= 5 writes `rope_parameters`; older checkpoints (TinyLlama) a flat
     # `rope_theta` and an optional `rope_scaling`.
     parameters = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling")
-    rope_type = parameters.get("rope_type") or (scaling or {}).get("rope_type") or "default"
-    if scaling and not parameters:
-        rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise CheckpointError(
-            f"{path}: RoPE scaling {rope_type!r} is not supported; only plain RoPE "
-            f"(rope_type 'default') is."
-        )
+    scaling = config.get("rope_scaling") or {}
+    for source in (parameters, scaling):  # either one asking for scaling is refused
+        rope_type = source.get("rope_type") or source.get("type") or "default"
+        if rope_type != "default":
+            raise CheckpointError(
+                f"{path}: RoPE scaling {rope_type!r} is not supported; only plain RoPE "
+                f"(rope_type 'default') is."
+            )
     return float(parameters.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
@@ -359,6 +370,11 @@ def load_llama(
     model = build_llama(config, dtype=dtype)
     assign_hf_weights(model, tensors, source=directory)
     model.tokenizer = load_llama_tokenizer(directory) if load_tokenizer else None
+    if model.tokenizer is not None and model.tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(
+            f"{directory}: the tokenizer has {model.tokenizer.vocab_size} tokens but the "
+            f"model's vocabulary is {config.vocab_size}: they are not from the same checkpoint."
+        )
     return model
 
 
