@@ -13,6 +13,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -28,6 +29,24 @@ from toex_tf.training.llama_training import (
     forward_exits,
     train_phase,
 )
+
+
+def adopt_tokenizer(init_from: str | None, output_dir: str) -> str | None:
+    """Copies the tokenizer the base was trained with next to `output_dir`'s model.
+
+    A base phase saves it as `OUTPUT_DIR/tokenizer` and `OUTPUT_DIR/hf/toex_tokenizer`; a
+    later phase started from either finds it, so token ids never shift between phases.
+    Nothing happens when `output_dir` already has a tokenizer or none is found.
+    """
+    target = os.path.join(output_dir, "tokenizer")
+    if not init_from or os.path.exists(os.path.join(target, "tokenizer.json")):
+        return None
+    base = init_from if os.path.isdir(init_from) else os.path.dirname(init_from)
+    for candidate in (os.path.join(base, "toex_tokenizer"), os.path.join(base, "tokenizer")):
+        if os.path.exists(os.path.join(candidate, "tokenizer.json")):
+            shutil.copytree(candidate, target)
+            return target
+    return None
 
 
 def init_llama(init_from: str, exit_layers, capacity: float, **overrides) -> HierarchicalLlama:

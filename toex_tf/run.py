@@ -404,6 +404,7 @@ def _llama(pipeline, data, train, flag_values):
             "exit_layers", (4, 8, 12, 16, 19)
         )
     os.makedirs(FLAGS.output_dir, exist_ok=True)
+    llama_jobs.adopt_tokenizer(FLAGS.init_from, FLAGS.output_dir)
     prepared = pipeline.prepare_data(data, train.seq_len, FLAGS.output_dir, seed=train.seed)
     outcome = {}
     if FLAGS.phase is not None:

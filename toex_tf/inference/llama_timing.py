@@ -81,6 +81,70 @@ class LlamaCost:
         return self.ffn / (self.projections + self.attention + self.ffn)
 
 
+def match_capacity_on_decode(
+    model, run, prompt, calibration, target, iterations: int = 6
+) -> tuple[float, float]:
+    """Bisects the calibration capacity until the routed share of the *generated* tokens
+    (greedy, teacher-forced recount of the decode's own decisions) is near `target`.
+
+    Args:
+        run: a compiled generate (`compile_generate`) of the routed model; the router
+            thresholds are variables, so it reads each trial's without recompiling.
+
+    Returns:
+        `(calibration_capacity, realized_share)` of the closest trial (thresholds set).
+    """
+    low, high, capacity = 0.01, 1.0, target
+    best = None
+    for _ in range(iterations):
+        calibrate_routers(model, calibration, capacity)
+        sequence = np.concatenate([prompt, np.asarray(run(prompt)[0])], axis=1)
+        realized = routed_fraction(model, sequence, start=prompt.shape[1])
+        if best is None or abs(realized - target) < abs(best[1] - target):
+            best = (capacity, realized)
+        if realized < target:
+            low = capacity
+        else:
+            high = capacity
+        capacity = (low + high) / 2
+    calibrate_routers(model, calibration, best[0])
+    return best
+
+
+def match_exit_depth_on_decode(model, run, prompt, target, iterations: int = 8):
+    """Shifts every exit gate's bias until the decode's average layers per step is near
+    `target`; `run` decodes with the `learned` criterion at threshold 0.5.
+
+    A common bias shift `b` at threshold 0.5 is the threshold `sigmoid(-b)` on the
+    unshifted gates (the exit test is `logit + b > 0`). The biases are variables, so the
+    compiled `run` needs no retrace per trial (a threshold is a compile-time constant).
+
+    Returns:
+        `(equivalent_threshold, realized_layers)` of the closest trial (biases left
+        shifted by it).
+    """
+    original = [np.asarray(gate.bias).copy() for gate in model.gates]
+    low, high, shift, best = -30.0, 30.0, 0.0, None
+
+    def apply(value):
+        for gate, bias in zip(model.gates, original, strict=True):
+            gate.bias.assign(bias + value)
+
+    for _ in range(iterations):
+        apply(shift)
+        state = run(prompt)[2]
+        layers = float(state["layers_run"]) / max(float(state["steps"]), 1.0)
+        if best is None or abs(layers - target) < abs(best[1] - target):
+            best = (shift, layers)
+        if layers > target:  # too deep: open the gates more
+            low = shift
+        else:
+            high = shift
+        shift = (low + high) / 2
+    apply(best[0])
+    return float(1.0 / (1.0 + np.exp(best[0]))), best[1]
+
+
 def _checks(exit_layers, avg_layers):
     return float(sum(e <= avg_layers for e in exit_layers[:-1]))
 
@@ -97,6 +161,7 @@ def measure_llama_speed(
     max_length: int | None = None,
     log: Callable[[str], None] | None = print,
     jit_compile: bool = False,
+    match_on_decode: bool = False,
 ) -> list[dict]:
     """Times full depth, then each capacity without and (with `exit_depth`) with exits.
 
@@ -114,6 +179,11 @@ def measure_llama_speed(
         max_length: KV-cache length (default: prompt + new tokens).
         log: called with each row's summary.
         jit_compile: TensorFlow: compile with XLA too.
+        match_on_decode: bisect the router capacity and a common gate-bias shift
+            (compiled decodes of the same prompt, before timing) until the decode's own
+            routed share and average layers are near `capacities` and `exit_depth`;
+            otherwise both are calibrated teacher-forced on `calibration` and drift. The
+            gates' biases are restored after the run.
 
     Returns:
         Rows (`speed_row` fields plus `capacity`, `exits`, `routed_fraction`,
@@ -150,16 +220,29 @@ def measure_llama_speed(
     settings = [(c, False) for c in capacities]
     if exit_depth is not None:
         settings += [(c, True) for c in capacities]
+    routed_run = compile_generate(adapter, new_tokens, ExitPolicy("full"), jit_compile)
+    exit_run = None
+    if exit_depth is not None and match_on_decode:
+        exit_run = compile_generate(adapter, new_tokens, ExitPolicy(mode, "learned", 0.5))
+    biases = [np.asarray(gate.bias).copy() for gate in model.gates]
     for capacity, exits in settings:
-        calibrate_routers(model, calibration, capacity)
-        policy, threshold = ExitPolicy("full"), None
-        if exits:
+        for gate, bias in zip(model.gates, biases, strict=True):
+            gate.bias.assign(bias)
+        if match_on_decode:
+            match_capacity_on_decode(model, routed_run, prompt, calibration, capacity)
+        else:
+            calibrate_routers(model, calibration, capacity)
+        policy, threshold, run = ExitPolicy("full"), None, routed_run
+        if exits and match_on_decode:
+            threshold, _ = match_exit_depth_on_decode(model, exit_run, prompt, exit_depth)
+            policy, run = ExitPolicy(mode, "learned", 0.5), exit_run
+        elif exits:
             threshold = exit_depth_threshold(model, calibration, exit_depth)
             policy = ExitPolicy(mode, "learned", threshold)
-        run = compile_generate(adapter, new_tokens, policy, jit_compile)
+            run = compile_generate(adapter, new_tokens, policy, jit_compile)
         seconds, reference, out = time_pair(run, full_run, prompt, repeats)
         tokens = np.concatenate([prompt, np.asarray(out[0])], axis=1)
-        routed = routed_fraction(model, tokens)
+        routed = routed_fraction(model, tokens, start=prompt_length)
         avg_layers = float(cost.num_layers)
         if exits:
             avg_layers = float(out[2]["layers_run"]) / max(float(out[2]["steps"]), 1.0)
@@ -185,4 +268,6 @@ def measure_llama_speed(
                 f"x{row['measured_speedup']:.2f} measured, x{counted:.2f} counted, routed "
                 f"{routed:.2f}, layers {avg_layers:.1f}"
             )
+    for gate, bias in zip(model.gates, biases, strict=True):
+        gate.bias.assign(bias)
     return rows

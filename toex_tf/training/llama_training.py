@@ -115,14 +115,15 @@ def calibrate_routers(model, token_ids, capacity=None, batch_size: int = 8) -> l
     return thresholds
 
 
-def routed_fraction(model, token_ids, batch_size: int = 8) -> float:
-    """The share of (token, layer) pairs whose FFN runs under causal (decode) routing."""
+def routed_fraction(model, token_ids, batch_size: int = 8, start: int = 0) -> float:
+    """The share of (token, layer) pairs whose FFN runs under causal (decode) routing,
+    counting positions from `start` on (for example the generated ones only)."""
     routed, total = 0, 0
     for batch in _batches(token_ids, batch_size):
         inputs = []
         forward_exits(model, batch, routing="predictor", router_inputs=inputs)
         for router, x in zip(model.routers, inputs, strict=True):
-            decisions = np.asarray(router.predictor_route(x))
+            decisions = np.asarray(router.predictor_route(x))[:, start:]
             routed += int(decisions.sum())
             total += decisions.size
     if total == 0:

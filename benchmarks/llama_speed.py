@@ -1,0 +1,194 @@
+"""Decode speed of the hierarchical Llama (FFN skip routers, exits) against full depth
+and against Hugging Face `transformers`, measured side by side in one process.
+
+    python benchmarks/llama_speed.py --out=benchmarks/results/llama_speed_cpu_tinyllama.json
+
+Speed does not depend on the weights' values, so the TinyLlama-1.1B config is built with
+random weights (about 4.4 GB in fp32). Router thresholds are calibrated on the prompt and
+its full-depth continuation so that each capacity's share of FFNs runs; the random exit
+gates get the threshold whose teacher-forced average exit layer there is `--exit_depth`.
+The realized routed share and average exit layer of each run are measured and reported
+(routing and exits change the continuation, so they drift from the targets). Every row's
+full-depth figure is timed alternately with it; the HF row times
+`LlamaForCausalLM.generate` (greedy, KV cache, torch on CPU) on the same config. With
+`--model_path` a trained `.keras` model is timed instead (its own routers and gates).
+"""
+
+import argparse
+import json
+import os
+import time
+
+import keras
+import numpy as np
+
+from toex_tf.inference.llama_timing import LlamaCost, measure_llama_speed
+from toex_tf.inference.timing import device_name
+from toex_tf.models import build_llama
+
+
+def _randomize_gates(model, seed):
+    # Untrained gates say 0.5 everywhere; random probes give per-token confidences.
+    rng = np.random.default_rng(seed)
+    for gate in model.gates:
+        scale = 1.0 / np.sqrt(gate.kernel.shape[0])
+        gate.kernel.assign(rng.normal(0, scale, gate.kernel.shape).astype("float32"))
+
+
+def time_transformers(config, prompt, new_tokens, repeats):
+    """Tokens/s of `transformers.LlamaForCausalLM.generate` on `config` (random weights)."""
+    import torch  # noqa: PLC0415 - optional, for the comparison only
+    import transformers  # noqa: PLC0415
+
+    torch.set_num_threads(os.cpu_count())
+    hf_config = transformers.LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_dim,
+        intermediate_size=config.intermediate_dim,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        rms_norm_eps=config.norm_epsilon,
+        rope_theta=config.rope_theta,
+        max_position_embeddings=config.max_length,
+        tie_word_embeddings=config.tie_embeddings,
+    )
+    model = transformers.LlamaForCausalLM(hf_config).eval()
+    ids = torch.tensor(prompt, dtype=torch.long)
+
+    def run():
+        with torch.no_grad():
+            model.generate(
+                ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+            )
+
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return prompt.shape[0] * new_tokens / float(np.median(times)), transformers.__version__
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="tinyllama")
+    parser.add_argument("--model_path", default=None, help="a trained .keras HierarchicalLlama")
+    parser.add_argument("--capacities", default="0.9,0.7,0.55,0.4")
+    parser.add_argument("--exit_depth", type=float, default=12.0, help="<= 0: no exit rows")
+    parser.add_argument("--exit_mode", default="frozen", choices=["frozen", "lazy"])
+    parser.add_argument("--prompt_length", type=int, default=16)
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hf", action="store_true", help="also time HF transformers (torch)")
+    parser.add_argument("--jit_compile", action="store_true")
+    parser.add_argument(
+        "--match_on_decode",
+        action="store_true",
+        help="bisect router and gate thresholds on eager decodes of the prompt until the "
+        "decode's routed share and exit depth are near the targets",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="llama_speed.json")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    if args.model_path:
+        import toex_tf.models  # noqa: F401 - registers the classes
+
+        model = keras.saving.load_model(args.model_path)
+    else:
+        keras.utils.set_random_seed(args.seed)
+        model = build_llama(args.preset, max_length=args.prompt_length + args.new_tokens)
+        _randomize_gates(model, args.seed)
+    config = model.llama_config
+    print(f"model ready in {time.perf_counter() - start:.0f} s", flush=True)
+    rng = np.random.default_rng(args.seed)
+    prompt = rng.integers(0, config.vocab_size, (args.batch, args.prompt_length)).astype("int32")
+    rows = measure_llama_speed(
+        model,
+        prompt,
+        None,  # calibrate on the prompt and its full-depth continuation
+        args.new_tokens,
+        capacities=[float(c) for c in args.capacities.split(",")],
+        exit_depth=args.exit_depth if args.exit_depth > 0 else None,
+        mode=args.exit_mode,
+        repeats=args.repeats,
+        log=lambda line: print(line, flush=True),
+        jit_compile=args.jit_compile,
+        match_on_decode=args.match_on_decode,
+    )
+    result = {
+        "model": {**config.to_dict(), "parameters": model.count_params()},
+        "weights": "random" if not args.model_path else args.model_path,
+        "dtype": "float32",
+        "prompt_length": args.prompt_length,
+        "new_tokens": args.new_tokens,
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "exit_depth": args.exit_depth,
+        "match_on_decode": args.match_on_decode,
+        "ffn_share_of_layer": LlamaCost.for_llama(model, args.prompt_length).ffn_share(),
+        "device": device_name(),
+        "rows": rows,
+    }
+    if args.hf:
+        del model  # free its 4.4 GB before the torch copy
+        hf_tps, version = time_transformers(config, prompt, args.new_tokens, args.repeats)
+        ours = rows[0]["tokens_per_s"]
+        result["transformers"] = {
+            "version": version,
+            "tokens_per_s": hf_tps,
+            "ours_full_depth_tokens_per_s": ours,
+            "ours_over_transformers": ours / hf_tps,
+        }
+        print(f"transformers {version}: {hf_tps:.2f} tok/s; ours/HF = {ours / hf_tps:.2f}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    _plot(rows, os.path.splitext(args.out)[0] + ".png")
+    print(f"Wrote {args.out}")
+
+
+def _plot(rows, path):
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for exits, marker in ((False, "o"), (True, "s")):
+        chosen = [r for r in rows if r["mode"] != "full" and r["exits"] == exits]
+        if not chosen:
+            continue
+        capacities = [r["capacity"] for r in chosen]
+        label = "routers + exits" if exits else "routers"
+        axis.plot(
+            capacities,
+            [r["measured_speedup"] for r in chosen],
+            marker,
+            ls="-",
+            label=f"{label}: measured",
+        )
+        axis.plot(
+            capacities,
+            [r["counted_speedup"] for r in chosen],
+            marker,
+            ls="--",
+            alpha=0.6,
+            label=f"{label}: counted",
+        )
+    axis.axhline(1.0, color="gray", lw=0.8)
+    axis.set_xlabel("router capacity (share of FFNs run)")
+    axis.set_ylabel("decode speedup over full depth")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
