@@ -161,7 +161,7 @@ def _plot(rows, path):
 
     figure, axis = plt.subplots(figsize=(6, 4))
     for exits, marker in ((False, "o"), (True, "s")):
-        chosen = [r for r in rows if r["mode"] != "full" and r["exits"] == exits]
+        chosen = [r for r in rows[1:] if r["exits"] == exits]  # rows[0]: full depth
         if not chosen:
             continue
         capacities = [r["capacity"] for r in chosen]
