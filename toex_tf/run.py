@@ -15,6 +15,11 @@ Modes:
                      depth on held-out prompts (empirical or Learn-then-Test)
                      → calibration.json
 
+`--model=llama` (see `toex_tf/llama_jobs.py`): `--phase=base|routers|exits|full` trains
+the hierarchical Llama from `--init_from` (a checkpoint handle or `.keras` file),
+`--mode=eval` writes the quality table with measured speed, `--target_speedup` searches the
+router capacity for a measured decode speedup.
+
 This is the only module that knows about absl flags; it turns them into the dataclasses
 of `toex_tf.config` and calls the library.
 """
