@@ -78,8 +78,8 @@ def test_padded_batch_generates_what_each_row_generates_alone(policy):
         for layer in range(4):
             upto = int(filled[layer])
             np.testing.assert_allclose(
-                np.asarray(state["caches"][layer])[row, :, pad : pad + upto],
-                np.asarray(alone["caches"][layer])[0, :, :upto],
+                np.asarray(state["caches"][layer])[row, :, :, pad : pad + upto],
+                np.asarray(alone["caches"][layer])[0, :, :, :upto],
                 atol=1e-5,
             )
     if policy.mode != "full":

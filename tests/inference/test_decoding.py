@@ -83,9 +83,9 @@ def test_frozen_mode_skips_layers_and_fills_their_cache_from_the_exit_state():
     for layer in (0, 1):
         np.testing.assert_allclose(np.asarray(frozen[layer]), np.asarray(exact[layer]), atol=1e-6)
     for layer in (2, 3):
-        written = np.asarray(frozen[layer])[:, :, 5]
+        written = np.asarray(frozen[layer])[:, :, :, 5]
         assert np.abs(written).sum() > 0
-        assert np.abs(written - np.asarray(exact[layer])[:, :, 5]).max() > 1e-4
+        assert np.abs(written - np.asarray(exact[layer])[:, :, :, 5]).max() > 1e-4
 
 
 def test_compiled_loop_equals_eager_and_handles_stop_tokens():
@@ -248,14 +248,14 @@ def test_lazy_caches_equal_a_full_forward_after_flush():
     for layer, cache in enumerate(caches):
         upto = filled[layer]
         np.testing.assert_allclose(
-            np.asarray(cache)[:, :, :upto], np.asarray(exact[layer])[:, :, :upto], atol=1e-5
+            np.asarray(cache)[:, :, :, :upto], np.asarray(exact[layer])[:, :, :, :upto], atol=1e-5
         )
     caches, lazy = flush_lazy(adapter, policy, caches, lazy, next_position)
     assert (np.asarray(lazy[1]) == next_position).all()
     for layer, cache in enumerate(caches):
         np.testing.assert_allclose(
-            np.asarray(cache)[:, :, :next_position],
-            np.asarray(exact[layer])[:, :, :next_position],
+            np.asarray(cache)[:, :, :, :next_position],
+            np.asarray(exact[layer])[:, :, :, :next_position],
             atol=1e-5,
         )
 

@@ -22,7 +22,7 @@ X = RNG.normal(size=(2, 7, 16)).astype("float32")
 def test_cached_decoding_equals_uncached_forward(kv_heads, rope):
     attention = CausalSelfAttention(num_heads=4, head_dim=4, num_kv_heads=kv_heads, rope_theta=rope)
     full = np.asarray(attention(X))
-    cache = np.zeros((2, 2, 10, kv_heads, 4), "float32")
+    cache = np.zeros((2, 2, kv_heads, 10, 4), "float32")
     # A 3-token prompt, then one token at a time.
     out, cache = attention(X[:, :3], cache=cache, cache_update_index=0)
     steps = [np.asarray(out)]
@@ -57,7 +57,7 @@ def test_bad_heads_and_missing_index():
         CausalSelfAttention(num_heads=4, head_dim=4, num_kv_heads=3)
     attention = CausalSelfAttention(num_heads=2, head_dim=8)
     with pytest.raises(ValueError, match="cache_update_index"):
-        attention(X, cache=np.zeros((2, 2, 7, 2, 8), "float32"))
+        attention(X, cache=np.zeros((2, 2, 2, 7, 8), "float32"))
 
 
 def test_rope_scores_depend_on_relative_position_only():
@@ -135,7 +135,7 @@ def test_transformer_block_variants_and_cache():
         rope_theta=10000.0,
     )
     full = np.asarray(llama(X))
-    cache = np.zeros((2, 2, 7, 2, 4), "float32")
+    cache = np.zeros((2, 2, 2, 7, 4), "float32")
     out, cache = llama(X[:, :4], cache=cache, cache_update_index=0)
     out2, _ = llama(X[:, 4:], cache=cache, cache_update_index=4)
     np.testing.assert_allclose(np.concatenate([out, out2], 1), full, atol=1e-5)

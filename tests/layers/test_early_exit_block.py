@@ -71,7 +71,7 @@ def test_layer_dropout_skips_whole_sequences_in_training_only():
 
 def test_kv_cache_passes_through():
     block = _block()
-    cache = np.zeros((2, 2, 6, 2, 8), "float32")
+    cache = np.zeros((2, 2, 2, 6, 8), "float32")
     hidden, logits, new_cache = block(X, cache=cache, cache_update_index=0)
     np.testing.assert_allclose(np.asarray(hidden), np.asarray(block(X)[0]), atol=1e-5)
     assert np.abs(np.asarray(new_cache)).sum() > 0

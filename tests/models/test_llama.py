@@ -147,7 +147,9 @@ def test_never_exit_and_lazy_match_full_with_routers():
     length = sequence.shape[1]
     for ours, reference_cache in zip(caches, exact, strict=True):
         np.testing.assert_allclose(
-            np.asarray(ours)[:, :, :length], np.asarray(reference_cache)[:, :, :length], atol=1e-5
+            np.asarray(ours)[:, :, :, :length],
+            np.asarray(reference_cache)[:, :, :, :length],
+            atol=1e-5,
         )
 
 

@@ -236,7 +236,7 @@ class DecoderAdapter:
 
     def empty_caches(self, batch_size: int, extra: int = 0, dtype="float32") -> list:
         """Zero caches of `max_length + extra` positions (lazy mode needs a window's slack)."""
-        shape = (batch_size, 2, self.max_length + extra, self.kv_heads, self.head_dim)
+        shape = (batch_size, 2, self.kv_heads, self.max_length + extra, self.head_dim)
         return [ops.zeros(shape, dtype) for _ in self.blocks]
 
     def empty_lazy_state(self, batch_size: int, prompt_length, extra: int, hidden_dim: int):

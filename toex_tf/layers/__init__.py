@@ -6,6 +6,7 @@ from toex_tf.layers.early_exit_block import EarlyExitBlock
 from toex_tf.layers.feed_forward import FeedForward
 from toex_tf.layers.learned_exit_gate import GumbelExitGate, LearnedExitGate
 from toex_tf.layers.lightweight_output_embedding import LightweightOutputEmbedding
+from toex_tf.layers.linear import Linear
 from toex_tf.layers.position_embedding import PositionEmbedding
 from toex_tf.layers.rms_norm import RMSNorm
 from toex_tf.layers.rotary_embedding import RotaryEmbedding
@@ -22,6 +23,7 @@ __all__ = [
     "GumbelExitGate",
     "LearnedExitGate",
     "LightweightOutputEmbedding",
+    "Linear",
     "PositionEmbedding",
     "RMSNorm",
     "RotaryEmbedding",

@@ -4,37 +4,52 @@ import keras
 from keras import ops
 
 from toex_tf.layers.attention_ops import causal_mask, multi_head_attention
-from toex_tf.layers.layer_utils import built_dense, get_initializer
+from toex_tf.layers.layer_utils import built_dense, check_kernel_layout, get_initializer
 from toex_tf.layers.rotary_embedding import RotaryEmbedding
 
 
 def write_kv_cache(cache, key, value, index):
     """Writes `key`/`value` `(batch, seq, kv_heads, head_dim)` into `cache` at `index`.
 
-    The one place the cache is written, so the serving export (issue 6) can swap the
-    `slice_update` (XlaDynamicUpdateSlice on TF) for a scatter in one spot.
+    The one place the cache is written. A scatter, not a dynamic-update-slice: TF's
+    `XlaDynamicUpdateSlice` runs only through XLA (a compiled kernel per call here, and
+    no TF Serving without XLA), while `TensorScatterUpdate` is a plain TF op; under JAX
+    both lower to the same in-place update.
 
     Args:
-        cache: `(batch, 2, max_length, kv_heads, head_dim)`.
+        cache: `(batch, 2, kv_heads, max_length, head_dim)`, keys at index 0 of axis 1.
         key, value: the new entries.
         index: int or scalar tensor, position of `key[:, 0]`.
 
     Returns:
         The updated cache.
     """
-    zero = ops.zeros((), "int32")
-    start = ops.cast(index, "int32")
-    update = ops.cast(ops.stack([key, value], axis=1), cache.dtype)
-    # One update of the whole cache: XLA does it in place. Slicing out the key and value
-    # halves and stacking them back copied the entire cache at every write.
-    return ops.slice_update(cache, (zero, zero, start, zero, zero), update)
+    batch, length = ops.shape(key)[0], ops.shape(key)[1]
+    kv_heads, head_dim = cache.shape[2], cache.shape[4]
+    update = ops.cast(ops.stack([key, value], axis=1), cache.dtype)  # (b, 2, s, kv, d)
+    if key.shape[1] != 1:  # one decode token: already head-major in memory
+        update = ops.transpose(update, (0, 1, 3, 2, 4))
+    grid = (batch, 2, kv_heads, length)
+    positions = ops.cast(index, "int32") + ops.arange(length, dtype="int32")
+    indices = ops.stack(
+        [
+            ops.broadcast_to(ops.arange(batch, dtype="int32")[:, None, None, None], grid),
+            ops.broadcast_to(ops.arange(2, dtype="int32")[None, :, None, None], grid),
+            ops.broadcast_to(ops.arange(kv_heads, dtype="int32")[None, None, :, None], grid),
+            ops.broadcast_to(positions[None, None, None, :], grid),
+        ],
+        axis=-1,
+    )
+    return ops.scatter_update(
+        cache, ops.reshape(indices, (-1, 4)), ops.reshape(update, (-1, head_dim))
+    )
 
 
 @keras.saving.register_keras_serializable(package="toex_tf")
 class CausalSelfAttention(keras.layers.Layer):
     """Causal self-attention, MHA or GQA, with optional RoPE and an optional KV cache.
 
-    The cache is a preallocated tensor `(batch, 2, max_length, kv_heads, head_dim)`
+    The cache is a preallocated tensor `(batch, 2, kv_heads, max_length, head_dim)`
     (keys at index 0, values at 1) with static shape, written at `cache_update_index`.
     Static shapes keep one compiled decode step for every position.
 
@@ -50,13 +65,16 @@ class CausalSelfAttention(keras.layers.Layer):
         dropout: float, dropout on the attention probabilities. Defaults to `0.0`.
         kernel_initializer: initializer of the projections. Defaults to
             normal(stddev=0.02).
+        kernel_layout: str, `"in_out"` (`keras.layers.Dense`) or `"out_in"` (`Linear`:
+            kernels stored `(out, in)`, Hugging Face's layout and the faster one for
+            batch-1 decoding with TensorFlow on CPU). Defaults to `"in_out"`.
         **kwargs: base `keras.layers.Layer` arguments.
 
     Call arguments:
         inputs: `(batch, seq, hidden)`.
         padding_mask: optional `(batch, key_len)` with 1/True for real tokens; without
             a cache `key_len == seq`, with one `key_len == max_length`.
-        cache: optional `(batch, 2, max_length, kv_heads, head_dim)`.
+        cache: optional `(batch, 2, kv_heads, max_length, head_dim)`.
         cache_update_index: int or scalar tensor, absolute position of `inputs[:, 0]`;
             required with `cache`.
         training: bool.
@@ -78,6 +96,7 @@ class CausalSelfAttention(keras.layers.Layer):
         rope_theta: float | None = None,
         dropout: float = 0.0,
         kernel_initializer="normal",
+        kernel_layout: str = "in_out",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -91,6 +110,7 @@ class CausalSelfAttention(keras.layers.Layer):
         self.rope_theta = rope_theta
         self.dropout = dropout
         self.kernel_initializer = get_initializer(kernel_initializer)
+        self.kernel_layout = check_kernel_layout(kernel_layout)
 
     def build(self, input_shape):
         query_width = self.num_heads * self.head_dim
@@ -127,12 +147,21 @@ class CausalSelfAttention(keras.layers.Layer):
         key, value = self.project_kv(inputs, start_index=start)
         if cache is not None:
             cache = write_kv_cache(cache, key, value, cache_update_index)
-            key, value = cache[:, 0], cache[:, 1]
-        mask = causal_mask(seq, ops.shape(key)[1], query_offset=start)[None, None]
+            key, value, layout = cache[:, 0], cache[:, 1], "bhsd"
+        else:
+            layout = "bshd"
+        key_length = ops.shape(key)[2 if layout == "bhsd" else 1]
+        mask = causal_mask(seq, key_length, query_offset=start)[None, None]
         if padding_mask is not None:
             mask = ops.logical_and(mask, ops.cast(padding_mask, "bool")[:, None, None, :])
         attended = multi_head_attention(
-            query, key, value, mask=mask, dropout_layer=self.dropout_layer, training=training
+            query,
+            key,
+            value,
+            mask=mask,
+            dropout_layer=self.dropout_layer,
+            training=training,
+            kv_layout=layout,
         )
         output = self.output_dense(
             ops.reshape(attended, (batch, seq, self.num_heads * self.head_dim))
@@ -157,4 +186,5 @@ class CausalSelfAttention(keras.layers.Layer):
             "rope_theta": self.rope_theta,
             "dropout": self.dropout,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "kernel_layout": self.kernel_layout,
         }

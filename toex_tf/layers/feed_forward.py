@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from toex_tf.layers.layer_utils import built_dense, get_initializer
+from toex_tf.layers.layer_utils import built_dense, check_kernel_layout, get_initializer
 
 ACTIVATIONS = ("gelu", "relu", "swiglu")
 
@@ -21,6 +21,8 @@ class FeedForward(keras.layers.Layer):
         use_bias: bool. Defaults to `True`.
         dropout: float, dropout on the output. Defaults to `0.0`.
         kernel_initializer: initializer. Defaults to normal(stddev=0.02).
+        kernel_layout: str, `"in_out"` (`keras.layers.Dense`) or `"out_in"` (`Linear`:
+            kernels stored `(out, in)`). Defaults to `"in_out"`.
         **kwargs: base `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -39,6 +41,7 @@ class FeedForward(keras.layers.Layer):
         use_bias: bool = True,
         dropout: float = 0.0,
         kernel_initializer="normal",
+        kernel_layout: str = "in_out",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -49,6 +52,7 @@ class FeedForward(keras.layers.Layer):
         self.use_bias = use_bias
         self.dropout = dropout
         self.kernel_initializer = get_initializer(kernel_initializer)
+        self.kernel_layout = check_kernel_layout(kernel_layout)
 
     def build(self, input_shape):
         inner_shape = tuple(input_shape[:-1]) + (self.intermediate_dim,)
@@ -79,4 +83,5 @@ class FeedForward(keras.layers.Layer):
             "use_bias": self.use_bias,
             "dropout": self.dropout,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "kernel_layout": self.kernel_layout,
         }

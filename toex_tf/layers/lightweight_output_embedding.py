@@ -5,6 +5,7 @@ import numpy as np
 from keras import ops
 
 from toex_tf.layers.layer_utils import get_initializer
+from toex_tf.layers.linear import matmul_out_in
 
 MODES = ("shortlist", "low_rank")
 CALL_MODES = ("embed", "logits", "cheap_logits")
@@ -127,7 +128,7 @@ class LightweightOutputEmbedding(keras.layers.Layer):
             return ops.take(self.embeddings, ops.cast(inputs, "int32"), axis=0)
         if mode == "logits":
             head = ops.cast(self.output_embeddings, inputs.dtype)
-            return ops.matmul(inputs, ops.transpose(head))
+            return matmul_out_in(inputs, head)
         if mode == "cheap_logits":
             return self.apply_cheap_head(inputs, self.cheap_head(inputs.dtype))
         raise ValueError(f"mode must be one of {CALL_MODES}; got {mode!r}.")

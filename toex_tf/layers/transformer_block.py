@@ -5,6 +5,7 @@ import keras
 from toex_tf.layers.causal_self_attention import CausalSelfAttention
 from toex_tf.layers.cross_attention import CrossAttention
 from toex_tf.layers.feed_forward import FeedForward
+from toex_tf.layers.layer_utils import check_kernel_layout
 from toex_tf.layers.rms_norm import RMSNorm
 from toex_tf.layers.skip_router import SkipRouter
 
@@ -47,6 +48,8 @@ class TransformerBlock(keras.layers.Layer):
         dropout: float, residual and attention dropout. Defaults to `0.0`.
         capacity: float in (0, 1], FFN routing capacity. Defaults to `1.0` (no router).
         router_config: dict, extra `SkipRouter` arguments. Defaults to `None`.
+        kernel_layout: str, the self-attention and FFN kernels' layout: `"in_out"`
+            (`keras.layers.Dense`) or `"out_in"` (`Linear`). Defaults to `"in_out"`.
         **kwargs: base `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -82,6 +85,7 @@ class TransformerBlock(keras.layers.Layer):
         dropout: float = 0.0,
         capacity: float = 1.0,
         router_config: dict | None = None,
+        kernel_layout: str = "in_out",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -102,6 +106,7 @@ class TransformerBlock(keras.layers.Layer):
         self.dropout = dropout
         self.capacity = float(capacity)
         self.router_config = dict(router_config or {})
+        self.kernel_layout = check_kernel_layout(kernel_layout)
 
     def build(self, input_shape):
         policy = self.dtype_policy
@@ -114,6 +119,7 @@ class TransformerBlock(keras.layers.Layer):
             use_bias=self.use_bias,
             rope_theta=self.rope_theta,
             dropout=self.dropout,
+            kernel_layout=self.kernel_layout,
             dtype=policy,
             name="self_attention",
         )
@@ -137,6 +143,7 @@ class TransformerBlock(keras.layers.Layer):
             intermediate_dim=self.intermediate_dim,
             activation=self.activation,
             use_bias=self.use_bias,
+            kernel_layout=self.kernel_layout,
             dtype=policy,
             name="ffn",
         )
@@ -211,4 +218,5 @@ class TransformerBlock(keras.layers.Layer):
             "dropout": self.dropout,
             "capacity": self.capacity,
             "router_config": self.router_config,
+            "kernel_layout": self.kernel_layout,
         }

@@ -258,8 +258,10 @@ def read_safetensors(directory: str) -> dict:
 def weight_table(model) -> list[tuple[str, object, bool]]:
     """The mapping `(hf_key, keras_variable, transpose)` for the base of `model`.
 
-    Hugging Face stores Linear weights `(out, in)`; Keras kernels are `(in, out)`.
+    Hugging Face stores Linear weights `(out, in)`: so do `Linear` kernels (the default
+    `kernel_layout="out_in"`); Keras `Dense` kernels (`"in_out"`) take the transpose.
     """
+    transpose = model.llama_config.kernel_layout == "in_out"
     embedding = model.token_embedding
     table = [("model.embed_tokens.weight", embedding.embeddings, False)]
     if not model.llama_config.tie_embeddings:
@@ -271,14 +273,14 @@ def weight_table(model) -> list[tuple[str, object, bool]]:
         ffn = transformer.ffn.layer if isinstance(transformer.ffn, SkipRouter) else transformer.ffn
         table += [
             (prefix + "input_layernorm.weight", transformer.attention_norm.scale, False),
-            (prefix + "self_attn.q_proj.weight", attention.query_dense.kernel, True),
-            (prefix + "self_attn.k_proj.weight", attention.key_dense.kernel, True),
-            (prefix + "self_attn.v_proj.weight", attention.value_dense.kernel, True),
-            (prefix + "self_attn.o_proj.weight", attention.output_dense.kernel, True),
+            (prefix + "self_attn.q_proj.weight", attention.query_dense.kernel, transpose),
+            (prefix + "self_attn.k_proj.weight", attention.key_dense.kernel, transpose),
+            (prefix + "self_attn.v_proj.weight", attention.value_dense.kernel, transpose),
+            (prefix + "self_attn.o_proj.weight", attention.output_dense.kernel, transpose),
             (prefix + "post_attention_layernorm.weight", transformer.ffn_norm.scale, False),
-            (prefix + "mlp.gate_proj.weight", ffn.gate_dense.kernel, True),
-            (prefix + "mlp.up_proj.weight", ffn.up_dense.kernel, True),
-            (prefix + "mlp.down_proj.weight", ffn.down_dense.kernel, True),
+            (prefix + "mlp.gate_proj.weight", ffn.gate_dense.kernel, transpose),
+            (prefix + "mlp.up_proj.weight", ffn.up_dense.kernel, transpose),
+            (prefix + "mlp.down_proj.weight", ffn.down_dense.kernel, transpose),
         ]
     table.append(("model.norm.weight", model.blocks[-1].exit_norm.scale, False))
     return table

@@ -74,6 +74,7 @@ class HierarchicalLlama(keras.Model):
         router_entropy_weight: float = 1e-3,
         router_predictor_weight: float = 1e-2,
         router_hidden_dim: int = 64,
+        kernel_layout: str = "out_in",
         **kwargs,
     ):
         config = LlamaConfig(
@@ -100,6 +101,7 @@ class HierarchicalLlama(keras.Model):
             router_entropy_weight=router_entropy_weight,
             router_predictor_weight=router_predictor_weight,
             router_hidden_dim=router_hidden_dim,
+            kernel_layout=kernel_layout,
         )
         dtype = kwargs.pop("dtype", None)
         token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
@@ -144,6 +146,7 @@ class HierarchicalLlama(keras.Model):
                     rope_theta=config.rope_theta,
                     capacity=config.capacity,
                     router_config=router_config,
+                    kernel_layout=config.kernel_layout,
                     dtype=dtype,
                     name="transformer",
                 ),
@@ -238,7 +241,8 @@ class HierarchicalLlama(keras.Model):
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        # Saved before `kernel_layout` existed: Keras Dense kernels.
+        return cls(**{"kernel_layout": "in_out", **config})
 
 
 def build_llama(config: LlamaConfig | str, dtype=None, **overrides) -> HierarchicalLlama:

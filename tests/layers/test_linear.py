@@ -1,0 +1,85 @@
+"""`Linear` (kernels stored `(out, in)`) and the `kernel_layout` option of the blocks."""
+
+import keras
+import numpy as np
+import pytest
+from roundtrip import assert_roundtrip
+
+from toex_tf.config import LlamaConfig
+from toex_tf.layers import CausalSelfAttention, FeedForward, Linear, TransformerBlock
+from toex_tf.models import HierarchicalLlama, build_llama
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 8), (1, 1, 8), (1, 8), (3, 8)])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_linear_equals_dense_with_the_transposed_kernel(shape, use_bias):
+    # (1, 1, 8) and (1, 8) take the single-row (decode) path, the others the GEMM path.
+    inputs = RNG.normal(size=shape).astype("float32")
+    linear = Linear(6, use_bias=use_bias, bias_initializer="random_normal")
+    out = np.asarray(linear(inputs))
+    assert tuple(linear.kernel.shape) == (6, 8) and out.shape == shape[:-1] + (6,)
+    dense = keras.layers.Dense(6, use_bias=use_bias)
+    dense.build(shape)
+    weights = [np.asarray(linear.kernel).T] + ([np.asarray(linear.bias)] if use_bias else [])
+    dense.set_weights(weights)
+    np.testing.assert_allclose(out, np.asarray(dense(inputs)), atol=1e-5)
+
+
+def test_linear_initializer_sees_the_in_out_fans():
+    # he_uniform's limit is sqrt(6 / fan_in) with fan_in = input width (64), not units (4).
+    linear = Linear(4, kernel_initializer="he_uniform")
+    linear.build((None, 64))
+    kernel = np.abs(np.asarray(linear.kernel))
+    limit = np.sqrt(6 / 64)
+    assert kernel.max() <= limit and kernel.max() > 0.8 * limit
+
+
+def test_linear_roundtrip(tmp_path):
+    assert_roundtrip(Linear(5), RNG.normal(size=(2, 3, 4)).astype("float32"), tmp_path)
+
+
+def test_out_in_block_equals_in_out_block_with_transposed_kernels(tmp_path):
+    x = RNG.normal(size=(2, 6, 16)).astype("float32")
+    kwargs = dict(
+        num_heads=4,
+        head_dim=4,
+        intermediate_dim=32,
+        num_kv_heads=2,
+        norm_type="rms_norm",
+        activation="swiglu",
+        use_bias=False,
+        rope_theta=10000.0,
+    )
+    dense_block = TransformerBlock(**kwargs)
+    dense_block(x)
+    linear_block = TransformerBlock(**kwargs, kernel_layout="out_in")
+    linear_block(x)
+    for source, target in zip(dense_block.weights, linear_block.weights, strict=True):
+        value = np.asarray(source)
+        target.assign(value.T if target.path.endswith("kernel") and value.ndim == 2 else value)
+    assert isinstance(linear_block.ffn.down_dense, Linear)
+    np.testing.assert_allclose(np.asarray(linear_block(x)), np.asarray(dense_block(x)), atol=1e-5)
+    assert_roundtrip(linear_block, x, tmp_path, atol=1e-6)
+
+
+def test_bad_kernel_layout_is_named():
+    for make in (
+        lambda: CausalSelfAttention(num_heads=2, head_dim=4, kernel_layout="io"),
+        lambda: FeedForward(intermediate_dim=8, kernel_layout="io"),
+        lambda: TransformerBlock(num_heads=2, head_dim=4, intermediate_dim=8, kernel_layout="io"),
+        lambda: LlamaConfig(kernel_layout="io"),
+    ):
+        with pytest.raises(ValueError, match="kernel_layout.*'io'"):
+            make()
+
+
+def test_llama_saved_before_kernel_layout_loads_with_dense_kernels():
+    model = build_llama("llama-tiny")
+    assert model.llama_config.kernel_layout == "out_in"
+    config = model.get_config()
+    del config["kernel_layout"]  # a config written by an earlier version
+    old = HierarchicalLlama.from_config(config)
+    assert old.llama_config.kernel_layout == "in_out"
+    assert isinstance(old.blocks[0].block.self_attention.query_dense, keras.layers.Dense)
