@@ -19,6 +19,7 @@ from toex_tf.inference.decoding import (
     _validate,
     padding_state,
     prefill,
+    write_time_slice,
 )
 
 
@@ -68,8 +69,8 @@ def generate_speculative(
     tokens = ops.zeros((batch, max_new_tokens + width), "int32")
     exits = ops.zeros((batch, max_new_tokens + width), "int32")
     zero = ops.zeros((), "int32")
-    tokens = ops.slice_update(tokens, (zero, zero), first)
-    exits = ops.slice_update(exits, (zero, zero), ops.full((batch, 1), num_layers, "int32"))
+    tokens = write_time_slice(tokens, zero, first)
+    exits = write_time_slice(exits, zero, ops.full((batch, 1), num_layers, "int32"))
     draft_block = adapter.blocks[draft_layer - 1]
     upper = range(draft_layer, num_layers)
     offsets = ops.arange(width, dtype="int32")[None, :]
@@ -103,8 +104,8 @@ def generate_speculative(
         layers = ops.where(offsets < kept, draft_layer, num_layers)
         layers = ops.broadcast_to(layers, ops.shape(emitted))
         start = produced
-        tokens = ops.slice_update(tokens, (zero, start), emitted)
-        exits = ops.slice_update(exits, (zero, start), ops.cast(layers, "int32"))
+        tokens = write_time_slice(tokens, start, emitted)
+        exits = write_time_slice(exits, start, ops.cast(layers, "int32"))
         current = ops.take_along_axis(
             emitted, ops.broadcast_to(ops.reshape(count - 1, (1, 1)), (batch, 1)), axis=1
         )
