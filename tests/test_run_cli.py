@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -424,3 +425,37 @@ def test_llama_bad_phase_setup_fails_clearly(tmp_path):
         f"--output_dir={out}",
     )
     assert result.returncode != 0 and "does not exist" in result.stderr
+
+
+def test_export_then_saved_model_cli_show_and_run(trained_tiny, tmp_path):
+    args = _copy(trained_tiny, tmp_path)
+    export_dir = tmp_path / "exported"
+    result = _run(*args, "--mode=export", f"--export_dir={export_dir}", "--decision_layers=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["saved_model"] == str(export_dir)
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    shown = subprocess.run(
+        [cli, "show", "--dir", str(export_dir), "--all"], capture_output=True, text=True
+    )
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "signature_def['generate']" in shown.stdout and "max_new_tokens" in shown.stdout
+    ran = subprocess.run(
+        [
+            cli, "run", "--dir", str(export_dir), "--tag_set", "serve",
+            "--signature_def", "generate", "--input_exprs",
+            "token_ids=[[5,6,7]];lengths=[3];max_new_tokens=4;threshold=0.5;mode='frozen'",
+        ],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    import tensorflow as tf  # noqa: PLC0415
+
+    from toex_tf.export import generate_with_export  # noqa: PLC0415
+
+    tokens, exits = generate_with_export(
+        tf.saved_model.load(str(export_dir)), [[5, 6, 7]], [3], 4, 0.5, "frozen"
+    )
+    printed = ran.stdout.replace("\n", " ")
+    for name, values in (("token_ids", tokens), ("exit_layers", exits)):
+        row = r"\s+".join(str(v) for v in values[0])
+        assert re.search(rf"{name}.*\[\[\s*{row}\s*\]\]", printed), (name, row, printed[-800:])

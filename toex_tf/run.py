@@ -9,6 +9,8 @@ Modes:
     benchmark        decode speed of each exit mode against full depth → benchmark.json/.png
     calibrate        the cheapest threshold that keeps agreement with full depth → calibration.json
     train_gates      add LearnedExitGates to the trained model and fit them (frozen base)
+    export           OUTPUT_DIR/model.keras → a SavedModel whose `generate` signature runs
+                     the early-exit decode loop in the graph (--export_dir; toex_tf.export)
     benchmark        decode speed (tokens/s, measured and ideal speedup) of exit modes
                      against full depth on held-out prompts → benchmark.json, benchmark.png
     calibrate        the cheapest --decode_mode threshold whose output agrees with full
@@ -48,7 +50,16 @@ from toex_tf.layers.top_k_confidence_gate import CRITERIA  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-MODES = ["train", "eval", "train_and_eval", "generate", "benchmark", "calibrate", "train_gates"]
+MODES = [
+    "train",
+    "eval",
+    "train_and_eval",
+    "generate",
+    "benchmark",
+    "calibrate",
+    "train_gates",
+    "export",
+]
 flags.DEFINE_enum("mode", "train_and_eval", MODES, "What to run.")
 flags.DEFINE_string("output_dir", None, "Where the model, results and logs go.")
 flags.DEFINE_enum("model", "gpt", ["gpt", "llama"], "Model family.")
@@ -141,6 +152,9 @@ flags.DEFINE_list(
     "decision_layers", [], "Exits where a decode step may stop (e.g. 3); empty: every exit."
 )
 flags.DEFINE_integer("max_pending", 8, "Lazy mode: the catch-up window.", lower_bound=2)
+flags.DEFINE_string(
+    "export_dir", None, "--mode=export: where the SavedModel goes (default OUTPUT_DIR/saved_model)."
+)
 flags.DEFINE_integer("patience", 2, "patience criterion: agreeing exits needed.", 1)
 flags.DEFINE_float(
     "threshold_decay", None, "CALM decay temperature of the threshold with position.", 0.0
@@ -346,8 +360,12 @@ def _main(argv):
         "benchmark",
         "calibrate",
         "train_gates",
+        "export",
     ) and not os.path.exists(model_path):
         raise ValueError(f"no model at {model_path!r}: train first (--mode=train).")
+    if FLAGS.mode == "export":
+        _export(pipeline, model_path)
+        return
     if FLAGS.mode == "generate":
         _generate(pipeline, flag_values)
         return
@@ -461,6 +479,23 @@ def _append_to_config_log(flag_values: dict, **outcome) -> None:
     }
     with open(os.path.join(FLAGS.output_dir, "config_log.jsonl"), "a") as f:
         f.write(json.dumps(entry) + "\n")
+
+
+def _export(pipeline, model_path):
+    from toex_tf.export import export_saved_model  # noqa: PLC0415
+
+    directory = FLAGS.export_dir or os.path.join(FLAGS.output_dir, "saved_model")
+    options = _policy_options()
+    export_saved_model(
+        pipeline.load_model(model_path),
+        directory,
+        criterion=FLAGS.decode_criterion,
+        decision_layers=options["decision_layers"],
+        max_pending=options["max_pending"],
+        patience=options["patience"],
+        threshold_decay=options["threshold_decay"],
+    )
+    print(json.dumps({"saved_model": directory, "signatures": ["generate", "serving_default"]}))
 
 
 def _generate(pipeline, flag_values):

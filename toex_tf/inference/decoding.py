@@ -74,7 +74,8 @@ class ExitPolicy:
         mode: one of `DECODE_MODES`.
         criterion: one of `DECODE_CRITERIA` (see the module docstring).
         threshold: float in [0, 1]; a row exits when its confidence is above it
-            (1.0 never exits).
+            (1.0 never exits). A scalar float32 tensor is accepted too (a serving
+            graph's input, `toex_tf.export`); it is not range-checked here.
         max_pending: lazy mode: the catch-up window. At most `max_pending - 1` tokens
             wait for a layer; then the next token goes deep and computes them all.
         decision_layers: exits (1-based layers) where the step may decide; None: every
@@ -98,7 +99,8 @@ class ExitPolicy:
             raise ValueError(f"mode must be one of {DECODE_MODES}; got {self.mode!r}.")
         if self.criterion not in DECODE_CRITERIA:
             raise ValueError(f"criterion must be one of {DECODE_CRITERIA}; got {self.criterion!r}.")
-        validate_threshold(self.threshold)
+        if not _is_scalar_tensor(self.threshold):
+            validate_threshold(self.threshold)
         if isinstance(self.patience, bool) or not isinstance(self.patience, int):
             raise ValueError(f"patience must be an int >= 1; got {self.patience!r}.")
         if self.patience < 1:
@@ -117,11 +119,25 @@ class ExitPolicy:
 
     def threshold_at(self, positions, max_length: int):
         """The threshold at `positions` (any int shape): constant, or decaying (CALM)."""
-        if self.threshold_decay is None or self.threshold >= 1.0:
+        if self.threshold_decay is None:
+            return self.threshold
+        dynamic = _is_scalar_tensor(self.threshold)
+        if not dynamic and self.threshold >= 1.0:
             return self.threshold
         fraction = ops.cast(positions, "float32") / float(max_length)
         decayed = 0.9 * self.threshold + 0.1 * ops.exp(-float(self.threshold_decay) * fraction)
-        return ops.clip(decayed, 0.0, 1.0)
+        decayed = ops.clip(decayed, 0.0, 1.0)
+        if dynamic:  # 1.0 still never exits
+            return ops.where(self.threshold >= 1.0, self.threshold, decayed)
+        return decayed
+
+
+def _is_scalar_tensor(value) -> bool:
+    """A scalar tensor (not a Python or numpy number): a runtime threshold."""
+    if isinstance(value, (bool, int, float, np.number)):
+        return False
+    shape = getattr(value, "shape", None)
+    return shape is not None and tuple(shape) == () and "float" in str(value.dtype)
 
 
 class DecoderAdapter:
@@ -674,6 +690,7 @@ def generate(
     seed: int = 0,
     return_state: bool = False,
     padding_mask=None,
+    new_token_limit=None,
 ):
     """Generates up to `max_new_tokens` per row with one compiled-friendly loop.
 
@@ -695,6 +712,10 @@ def generate(
             but the last) and `layers_run` (layers summed over those steps).
         padding_mask: optional `(batch, prompt_length)`, 1/True for real tokens, 0 for
             left padding. None: every prompt token is real.
+        new_token_limit: None, or an int scalar tensor in `[1, max_new_tokens]`: stop
+            after that many tokens (a serving graph's input; `max_new_tokens` then sizes
+            the buffers). Later columns hold the stop fill and exit layer 0. Not checked
+            here: the caller asserts its range (`toex_tf.export` does).
 
     Returns:
         `(token_ids (batch, max_new_tokens), exit_layers (batch, max_new_tokens))`;
@@ -738,7 +759,7 @@ def generate(
     # The loop runs one decode step per token but the last: the last token is sampled
     # after it, so no step computes logits that nobody reads.
     def condition(step, tokens, exits, finished, logits, last_exit, caches, lazy, layers_run):
-        return ops.logical_and(step < max_new_tokens - 1, ops.logical_not(ops.all(finished)))
+        return ops.logical_and(step < limit - 1, ops.logical_not(ops.all(finished)))
 
     def body(step, tokens, exits, finished, logits, last_exit, caches, lazy, layers_run):
         next_ids, tokens, exits, finished = emit(step, tokens, exits, finished, logits, last_exit)
@@ -758,6 +779,7 @@ def generate(
             layers_run,
         )
 
+    limit = max_new_tokens if new_token_limit is None else ops.cast(new_token_limit, "int32")
     zero = ops.zeros((), "int32")
     state = (zero, tokens, exits, finished, logits, last_exit, tuple(caches), lazy, zero)
     state = ops.while_loop(condition, body, state)

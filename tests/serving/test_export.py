@@ -1,0 +1,186 @@
+"""SavedModel export: the in-graph decode loop equals in-Python generation, in this process
+and in a fresh one without toex_tf; no XLA ops; bad input fails with a named error."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from toex_tf.export import EXPORT_MODES, export_saved_model, generate_with_export, xla_ops
+from toex_tf.inference import DecoderAdapter, ExitPolicy, generate
+from toex_tf.models import build_gpt, build_llama
+
+PROMPTS = [[5, 9, 2, 7, 11], [3, 8], [12, 4, 6]]
+THRESHOLDS = (0.0, 0.45, 1.0)
+
+
+def _right_padded(prompts):
+    ids = np.zeros((len(prompts), max(map(len, prompts))), "int32")
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = prompt
+    return ids, np.array([len(p) for p in prompts], "int32")
+
+
+def _gpt():
+    model = build_gpt("tiny", num_layers=4, exit_layers="all", max_length=32)
+    # Peaky embeddings: confident exits, so thresholds in (0, 1) send tokens out early.
+    embeddings = model.token_embedding.embeddings
+    embeddings.assign(np.asarray(embeddings) * 30.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def gpt_export(tmp_path_factory):
+    model = _gpt()
+    directory = str(tmp_path_factory.mktemp("gpt_export"))
+    export_saved_model(model, directory)
+    return model, directory, tf.saved_model.load(directory)
+
+
+def _python_generate(model, prompt, new_tokens, mode, threshold, **kwargs):
+    adapter = DecoderAdapter.from_model(model, **kwargs)
+    tokens, exits = generate(
+        adapter, np.array([prompt], "int32"), new_tokens, ExitPolicy(mode, "max_prob", threshold)
+    )
+    return np.asarray(tokens)[0], np.asarray(exits)[0]
+
+
+def test_export_generates_what_python_generates(gpt_export):
+    model, _, loaded = gpt_export
+    ids, lengths = _right_padded(PROMPTS)
+    early = 0
+    for mode in EXPORT_MODES:
+        for threshold in THRESHOLDS:
+            tokens, exits = generate_with_export(loaded, ids, lengths, 10, threshold, mode)
+            assert tokens.shape == exits.shape == (len(PROMPTS), 10)
+            for row, prompt in enumerate(PROMPTS):
+                want_tokens, want_exits = _python_generate(model, prompt, 10, mode, threshold)
+                np.testing.assert_array_equal(
+                    tokens[row], want_tokens, err_msg=f"{mode} {threshold}"
+                )
+                np.testing.assert_array_equal(exits[row], want_exits, err_msg=f"{mode} {threshold}")
+            early += int((exits < 4).sum()) if mode != "full" else 0
+    assert early > 0  # the comparison covered early exits, not only full depth
+
+
+def test_export_has_no_xla_ops_and_named_signatures(gpt_export):
+    _, directory, loaded = gpt_export
+    assert xla_ops(directory) == []
+    assert {"generate", "serving_default"} <= set(loaded.signatures)
+    inputs = loaded.signatures["generate"].structured_input_signature[1]
+    assert set(inputs) == {"token_ids", "lengths", "max_new_tokens", "threshold", "mode"}
+
+
+FRESH_PROCESS = """
+import json, sys
+sys.modules["toex_tf"] = None  # toex_tf must not be importable here
+try:
+    import toex_tf  # noqa
+    raise SystemExit("toex_tf was importable")
+except ImportError:
+    pass
+import tensorflow as tf
+loaded = tf.saved_model.load(sys.argv[1])
+out = loaded.signatures["generate"](
+    token_ids=tf.constant(json.loads(sys.argv[2]), tf.int32),
+    lengths=tf.constant(json.loads(sys.argv[3]), tf.int32),
+    max_new_tokens=tf.constant(8), threshold=tf.constant(0.45), mode=tf.constant("lazy"))
+result = [out["token_ids"].numpy().tolist(), out["exit_layers"].numpy().tolist()]
+print("RESULT", json.dumps(result))
+"""
+
+
+def test_fresh_process_without_toex_tf_generates_the_same_tokens(gpt_export, tmp_path):
+    model, directory, loaded = gpt_export
+    ids, lengths = _right_padded(PROMPTS)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            FRESH_PROCESS,
+            directory,
+            json.dumps(ids.tolist()),
+            json.dumps(lengths.tolist()),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
+    tokens, exits = (np.array(a) for a in json.loads(line[len("RESULT ") :]))
+    want_tokens, want_exits = generate_with_export(loaded, ids, lengths, 8, 0.45, "lazy")
+    np.testing.assert_array_equal(tokens, want_tokens)
+    np.testing.assert_array_equal(exits, want_exits)
+    for row, prompt in enumerate(PROMPTS):
+        np.testing.assert_array_equal(
+            tokens[row], _python_generate(model, prompt, 8, "lazy", 0.45)[0]
+        )
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens must be > 0"),
+        (dict(max_new_tokens=40), "exceeds max_length=32"),
+        (dict(threshold=1.5), r"threshold must be in \[0, 1\]"),
+        (dict(threshold=-0.1), r"threshold must be in \[0, 1\]"),
+        (dict(mode="fast"), "unknown mode"),
+        (dict(token_ids=[[5, 999]], lengths=[2]), r"token ids must be in \[0, 64\)"),
+        (dict(token_ids=[[5, 6]], lengths=[0]), "at least one token"),
+        (dict(token_ids=[[5, 6]], lengths=[3]), "must not exceed the width"),
+        (dict(token_ids=[[5, 6]], lengths=[2, 2]), "one entry per prompt row"),
+        (dict(token_ids=np.zeros((1, 0), "int32"), lengths=[1]), "token_ids is empty"),
+    ],
+)
+def test_bad_input_at_the_serving_boundary(gpt_export, change, message):
+    _, _, loaded = gpt_export
+    args = dict(token_ids=[[5, 6, 7]], lengths=[3], max_new_tokens=4, threshold=0.5, mode="frozen")
+    args.update(change)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        generate_with_export(loaded, **args)
+
+
+def test_out_of_vocabulary_padding_is_ignored(gpt_export):
+    _, _, loaded = gpt_export
+    a = generate_with_export(loaded, [[5, 6, 999]], [2], 4, 0.5, "frozen")
+    b = generate_with_export(loaded, [[5, 6, 0]], [2], 4, 0.5, "frozen")
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_wrong_dtype_is_refused(gpt_export):
+    _, _, loaded = gpt_export
+    with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
+        loaded.signatures["generate"](
+            token_ids=tf.constant([[5, 6]], tf.int64),
+            lengths=tf.constant([2]),
+            max_new_tokens=tf.constant(2),
+            threshold=tf.constant(0.5),
+            mode=tf.constant("full"),
+        )
+
+
+def test_llama_with_exits_and_routers_exports(tmp_path):
+    model = build_llama("llama-tiny", num_layers=3, exit_layers=(1, 2), capacity=0.55)
+    for router in model.routers:  # route about half the tokens at decode time
+        router.predictor_threshold.assign(0.0)
+    directory = export_saved_model(model, str(tmp_path / "llama"), criterion="learned")
+    assert xla_ops(directory) == []
+    loaded = tf.saved_model.load(directory)
+    ids, lengths = _right_padded(PROMPTS)
+    for mode in ("full", "frozen", "lazy"):
+        tokens, exits = generate_with_export(loaded, ids, lengths, 6, 0.5, mode)
+        for row, prompt in enumerate(PROMPTS):
+            adapter = DecoderAdapter.from_model(model)
+            want, want_exits = generate(
+                adapter, np.array([prompt], "int32"), 6, ExitPolicy(mode, "learned", 0.5)
+            )
+            np.testing.assert_array_equal(tokens[row], np.asarray(want)[0], err_msg=mode)
+            np.testing.assert_array_equal(exits[row], np.asarray(want_exits)[0], err_msg=mode)
