@@ -83,3 +83,18 @@ def test_llama_saved_before_kernel_layout_loads_with_dense_kernels():
     old = HierarchicalLlama.from_config(config)
     assert old.llama_config.kernel_layout == "in_out"
     assert isinstance(old.blocks[0].block.self_attention.query_dense, keras.layers.Dense)
+
+
+def test_hf_weights_load_into_either_kernel_layout(tmp_path):
+    from toex_tf.loaders.llama import assign_hf_weights, export_llama, read_safetensors
+
+    tokens = RNG.integers(0, 256, size=(2, 7)).astype("int32")
+    source = build_llama("llama-tiny", exit_layers=(), capacity=1.0)
+    export_llama(source, str(tmp_path))
+    tensors = read_safetensors(str(tmp_path))
+    dense = build_llama("llama-tiny", exit_layers=(), capacity=1.0, kernel_layout="in_out")
+    assign_hf_weights(dense, tensors)
+    np.testing.assert_allclose(
+        np.asarray(dense(tokens)), np.asarray(source(tokens)), atol=1e-5, rtol=1e-5
+    )
+    assert not np.allclose(np.asarray(dense(tokens)), np.asarray(dense(tokens[:, ::-1])))

@@ -118,7 +118,7 @@ def test_untampered_copy_loads(ckpt, source):
     tensors = _tensors(source)
     np.testing.assert_array_equal(
         np.asarray(model.blocks[1].block.self_attention.key_dense.kernel),
-        tensors["model.layers.1.self_attn.k_proj.weight"].T,
+        tensors["model.layers.1.self_attn.k_proj.weight"],  # Linear: (out, in) as in HF
     )
     np.testing.assert_array_equal(
         np.asarray(model.blocks[-1].exit_norm.scale), tensors["model.norm.weight"]
@@ -725,7 +725,7 @@ def test_exits_and_routers_on_a_loaded_checkpoint(ckpt, source):
     for index, block in enumerate(model.blocks):
         np.testing.assert_array_equal(
             np.asarray(block.block.ffn.layer.up_dense.kernel),
-            tensors[f"model.layers.{index}.mlp.up_proj.weight"].T,
+            tensors[f"model.layers.{index}.mlp.up_proj.weight"],
         )
     # The base is frozen; only routers and gates are fresh.
     assert not model.token_embedding.trainable
