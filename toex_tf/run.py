@@ -486,6 +486,13 @@ def _export(pipeline, model_path):
 
     directory = FLAGS.export_dir or os.path.join(FLAGS.output_dir, "saved_model")
     options = _policy_options()
+    stop = ()  # rows stop at the tokenizer's end-of-text id, as --mode=generate does
+    tokenizer_dir = os.path.join(FLAGS.output_dir, "tokenizer")
+    if os.path.isdir(tokenizer_dir):
+        from toex_tf.data import load_tokenizer  # noqa: PLC0415
+
+        eos = getattr(load_tokenizer(tokenizer_dir), "eos_id", None)
+        stop = () if eos is None else (int(eos),)
     export_saved_model(
         pipeline.load_model(model_path),
         directory,
@@ -494,6 +501,7 @@ def _export(pipeline, model_path):
         max_pending=options["max_pending"],
         patience=options["patience"],
         threshold_decay=options["threshold_decay"],
+        stop_token_ids=stop,
     )
     print(json.dumps({"saved_model": directory, "signatures": ["generate", "serving_default"]}))
 
