@@ -16,24 +16,18 @@ Three measurements, each side by side in this process:
 import argparse
 import json
 import os
-import time
 
 import keras
 import numpy as np
 
+from toex_tf.config import llama_preset
 from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy
-from toex_tf.inference.timing import compile_generate, device_name
+from toex_tf.inference.timing import compile_generate, device_name, time_run
 from toex_tf.models import build_llama
 
 
 def _median_seconds(run, repeats):
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return time_run(lambda _: run(), None, repeats)[0]
 
 
 def ours(prompt, new_tokens, repeats, **overrides):
@@ -50,31 +44,15 @@ def ours(prompt, new_tokens, repeats, **overrides):
 
 
 def transformers_times(prompt, new_tokens, repeats):
-    import torch  # noqa: PLC0415 - optional, for the comparison only
-    import transformers  # noqa: PLC0415
+    """Seconds for 1 and for `new_tokens` new tokens with HF `generate` (llama_speed's)."""
+    from llama_speed import time_transformers  # noqa: PLC0415 - the sibling script
 
-    torch.set_num_threads(os.cpu_count())
-    config = transformers.LlamaConfig(
-        vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    ids = torch.tensor(prompt, dtype=torch.long)
-
-    def run(count):
-        with torch.no_grad():
-            model.generate(ids, max_new_tokens=count, min_new_tokens=count, do_sample=False)
-
-    return (
-        _median_seconds(lambda: run(1), repeats),
-        _median_seconds(lambda: run(new_tokens), repeats),
-        transformers.__version__,
-    )
+    config = llama_preset("tinyllama")
+    times = []
+    for count in (1, new_tokens):
+        tokens_per_s, version = time_transformers(config, prompt, count, repeats)
+        times.append(prompt.shape[0] * count / tokens_per_s)
+    return times[0], times[1], version
 
 
 def gemv(repeats, count=60, width=2048):

@@ -21,17 +21,8 @@ def check_kernel_layout(kernel_layout: str) -> str:
 def built_dense(layer, units: int, name: str, input_shape) -> keras.layers.Layer:
     """A dense sublayer of `layer` (its bias, initializer, dtype policy and kernel layout),
     built now: `keras.layers.Dense`, or `Linear` when `layer.kernel_layout == "out_in"`."""
-    if getattr(layer, "kernel_layout", "in_out") == "out_in":
-        dense = Linear(
-            units,
-            use_bias=layer.use_bias,
-            kernel_initializer=layer.kernel_initializer,
-            dtype=layer.dtype_policy,
-            name=name,
-        )
-        dense.build(input_shape)
-        return dense
-    dense = keras.layers.Dense(
+    out_in = getattr(layer, "kernel_layout", "in_out") == "out_in"
+    dense = (Linear if out_in else keras.layers.Dense)(
         units,
         use_bias=layer.use_bias,
         kernel_initializer=layer.kernel_initializer,
