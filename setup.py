@@ -27,6 +27,19 @@ setup(
         # jax: the no-TensorFlow import test runs the layers on the JAX backend.
         # torch + transformers: the Llama loader's parity test (install the CPU build of
         # torch first on a machine without a GPU; .ci/run does).
-        "test": ["pytest", "ruff", "jax", "torch", "transformers"],
+        # tensorflow-hub: the export's hub.load test (it imports pkg_resources, which
+        # setuptools dropped in 81). nbclient + ipykernel: the Kaggle notebook runs headless.
+        "test": [
+            "pytest",
+            "ruff",
+            "jax",
+            "torch",
+            "transformers",
+            "tensorflow-hub",
+            "setuptools<81",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+        ],
     },
 )

@@ -3,21 +3,28 @@
     from toex_tf.export import export_saved_model
     export_saved_model(model, "exported/")  # an EarlyExitGPT or a HierarchicalLlama
 
-The export holds one `generate` signature (also `serving_default`): the prefill, the
-`while_loop` over new tokens and the exit decisions run in the graph, so TF Serving,
-`tf.saved_model.load` or `saved_model_cli` generate with adaptive depth without
-toex_tf installed. Inputs (right-padded prompts):
+Signatures (the decode loops run in the graph, so TF Serving, `tf.saved_model.load` or
+`saved_model_cli` use adaptive depth without toex_tf installed):
 
-- `token_ids` int32 `(batch, width)`, `lengths` int32 `(batch,)` (real tokens per row);
-- `max_new_tokens` int32 scalar, `threshold` float32 scalar in [0, 1];
-- `mode` string scalar: one of `EXPORT_MODES` (each mode is a traced branch of one
-  `switch_case`).
+- `generate` (also `serving_default`): right-padded `token_ids` int32 `(batch, width)`,
+  `lengths` int32 `(batch,)` (real tokens per row), `max_new_tokens` int32, `threshold`
+  float32 in [0, 1] and `mode`, one of `EXPORT_MODES` (each a traced branch of one
+  `switch_case`) -> `token_ids` and `exit_layers`, int32 `(batch, max_new_tokens)`, the
+  exit layers 1-based (0 after a stop token). Greedy; the criterion and decision layers
+  are fixed at export.
+- `score`: `token_ids`, `lengths`, `threshold`, `mode` -> `logits` float32 `(batch,
+  width, vocab)`, each position's next-token logits from the exit it took when the mode's
+  decode loop reads the row (teacher-forced, `toex_tf.inference.quality.exit_logits`),
+  and `exit_layers` int32 `(batch, width)`; zeros past each row's length.
+- `logits`: `token_ids` `(batch, width)` -> the final layer's logits, one forward pass.
 
-Outputs: `token_ids` and `exit_layers`, int32 `(batch, max_new_tokens)`, the exit layers
-1-based (0 after a stop token). Decoding is greedy, the criterion and decision layers are
-fixed at export. Bad input fails with an `InvalidArgumentError` naming the problem
-(`tf.debugging` asserts that run before the loop). Cache writes are scatters, so the
-graph holds no `Xla*` op.
+The root object also meets TF-Hub's reusable SavedModel API: `__call__(inputs,
+training=False)` (the final logits, as `logits`), `variables`, `trainable_variables` and
+`regularization_losses` (empty: the models have no weight penalties). A Llama with skip
+routers has only the `training=False` trace: routers train with top-k routing, which
+needs a static sequence length. Bad input fails
+with an `InvalidArgumentError` naming the problem (`tf.debugging` asserts that run before
+any layer). Cache writes are scatters, so the graph holds no `Xla*` op.
 """
 
 import keras
@@ -25,8 +32,59 @@ import numpy as np
 import tensorflow as tf
 
 from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy, generate
+from toex_tf.inference.quality import exit_logits
 
 EXPORT_MODES = ("full", "unfrozen", "frozen", "lazy")
+
+
+def _checked(tensor, checks):
+    with tf.control_dependencies(checks):
+        return tf.identity(tensor)
+
+
+def _ids_checks(token_ids, lengths, vocab_size, max_length):
+    """Asserts on right-padded `token_ids` and `lengths`: shapes, lengths, the vocabulary."""
+    batch, width = tf.shape(token_ids)[0], tf.shape(token_ids)[1]
+    real = tf.range(width)[None, :] < lengths[:, None]
+    in_vocabulary = tf.logical_and(token_ids >= 0, token_ids < vocab_size)
+    return [
+        tf.debugging.assert_greater(
+            width, 0, message="token_ids is empty: give at least one prompt token"
+        ),
+        tf.debugging.assert_less_equal(
+            width, max_length, message=f"token_ids is wider than max_length={max_length}"
+        ),
+        tf.debugging.assert_equal(
+            tf.shape(lengths)[0], batch, message="lengths needs one entry per prompt row"
+        ),
+        tf.debugging.assert_greater_equal(
+            lengths, 1, message="every prompt needs at least one token (lengths >= 1)"
+        ),
+        tf.debugging.assert_less_equal(
+            lengths, width, message="lengths must not exceed the width of token_ids"
+        ),
+        tf.debugging.Assert(
+            tf.reduce_all(tf.logical_or(in_vocabulary, tf.logical_not(real))),
+            [f"token ids must be in [0, {vocab_size}) (the vocabulary); got", token_ids],
+        ),
+    ]
+
+
+def _policy_checks(threshold, mode):
+    modes = tf.constant(EXPORT_MODES)
+    return [
+        tf.debugging.assert_greater_equal(threshold, 0.0, message="threshold must be in [0, 1]"),
+        tf.debugging.assert_less_equal(threshold, 1.0, message="threshold must be in [0, 1]"),
+        tf.debugging.Assert(
+            tf.reduce_any(tf.equal(mode, modes)),
+            ["unknown mode", mode, "; expected one of", modes],
+        ),
+    ]
+
+
+def _mode_index(mode):
+    modes = tf.constant(EXPORT_MODES)
+    return tf.argmax(tf.cast(tf.equal(mode, modes), tf.int32), output_type=tf.int32)
 
 
 def _generate_function(
@@ -38,48 +96,21 @@ def _generate_function(
     policy_options: dict,
 ):
     max_length, vocab_size = adapter.max_length, adapter.vocab_size
-    modes = tf.constant(EXPORT_MODES)
     # Buffers are sized once; `max_new_tokens` (an input) stops the loop earlier.
     capacity = max_length - 1
 
     def generate_signature(token_ids, lengths, max_new_tokens, threshold, mode):
-        batch, width = tf.shape(token_ids)[0], tf.shape(token_ids)[1]
-        real = tf.range(width)[None, :] < lengths[:, None]
-        in_vocabulary = tf.logical_and(token_ids >= 0, token_ids < vocab_size)
-        checks = [
-            tf.debugging.assert_greater(
-                width, 0, message="token_ids is empty: give at least one prompt token"
-            ),
-            tf.debugging.assert_equal(
-                tf.shape(lengths)[0], batch, message="lengths needs one entry per prompt row"
-            ),
-            tf.debugging.assert_greater_equal(
-                lengths, 1, message="every prompt needs at least one token (lengths >= 1)"
-            ),
-            tf.debugging.assert_less_equal(
-                lengths, width, message="lengths must not exceed the width of token_ids"
-            ),
-            tf.debugging.Assert(
-                tf.reduce_all(tf.logical_or(in_vocabulary, tf.logical_not(real))),
-                [f"token ids must be in [0, {vocab_size}) (the vocabulary); got", token_ids],
-            ),
+        width = tf.shape(token_ids)[1]
+        checks = _ids_checks(token_ids, lengths, vocab_size, max_length)
+        checks += [
             tf.debugging.assert_greater(max_new_tokens, 0, message="max_new_tokens must be > 0"),
             tf.debugging.assert_less_equal(
                 width + max_new_tokens,
                 max_length,
                 message=f"prompt width + max_new_tokens exceeds max_length={max_length}",
             ),
-            tf.debugging.assert_greater_equal(
-                threshold, 0.0, message="threshold must be in [0, 1]"
-            ),
-            tf.debugging.assert_less_equal(threshold, 1.0, message="threshold must be in [0, 1]"),
-            tf.debugging.Assert(
-                tf.reduce_any(tf.equal(mode, modes)),
-                ["unknown mode", mode, "; expected one of", modes],
-            ),
         ]
-        with tf.control_dependencies(checks):
-            token_ids = tf.identity(token_ids)
+        token_ids = _checked(token_ids, checks + _policy_checks(threshold, mode))
         # Right padding + lengths -> the engine's left padding + mask.
         source = tf.range(width)[None, :] - (width - lengths)[:, None]
         padding_mask = source >= 0
@@ -109,8 +140,8 @@ def _generate_function(
 
             return run
 
-        index = tf.argmax(tf.cast(tf.equal(mode, modes), tf.int32), output_type=tf.int32)
-        tokens, exits = tf.switch_case(index, [branch(name) for name in EXPORT_MODES])
+        branches = [branch(name) for name in EXPORT_MODES]
+        tokens, exits = tf.switch_case(_mode_index(mode), branches)
         return {
             "token_ids": tokens[:, :max_new_tokens],
             "exit_layers": exits[:, :max_new_tokens],
@@ -119,13 +150,68 @@ def _generate_function(
     return generate_signature
 
 
+def _score_function(adapter, criterion, decision_layers, max_pending, policy_options):
+    max_length, vocab_size = adapter.max_length, adapter.vocab_size
+
+    def score_signature(token_ids, lengths, threshold, mode):
+        checks = _ids_checks(token_ids, lengths, vocab_size, max_length)
+        token_ids = _checked(token_ids, checks + _policy_checks(threshold, mode))
+        real = tf.range(tf.shape(token_ids)[1])[None, :] < lengths[:, None]
+        # Causal: a row's padding (after its real tokens) never reaches its real positions.
+        token_ids = tf.where(real, token_ids, 0)
+
+        def branch(name):
+            def run():
+                policy = ExitPolicy(
+                    name,
+                    criterion,
+                    threshold,
+                    max_pending=max_pending,
+                    decision_layers=decision_layers,
+                    **policy_options,
+                )
+                return exit_logits(adapter, policy, token_ids)
+
+            return run
+
+        branches = [branch(name) for name in EXPORT_MODES]
+        logits, exits = tf.switch_case(_mode_index(mode), branches)
+        return {
+            "logits": tf.where(real[:, :, None], logits, 0.0),
+            "exit_layers": tf.where(real, exits, 0),
+        }
+
+    return score_signature
+
+
+def final_logits(model, token_ids, training=False):
+    """The last layer's logits of an `EarlyExitGPT` or a `HierarchicalLlama`."""
+    outputs = model(token_ids, training=training)
+    if isinstance(outputs, dict):
+        outputs = outputs["logits"] if "logits" in outputs else outputs["exit_logits"][-1]
+    return tf.cast(outputs, tf.float32)
+
+
+def _logits_function(model, adapter):
+    max_length, vocab_size = adapter.max_length, adapter.vocab_size
+
+    def logits_signature(token_ids, training=False):
+        lengths = tf.fill(tf.shape(token_ids)[:1], tf.shape(token_ids)[1])
+        token_ids = _checked(token_ids, _ids_checks(token_ids, lengths, vocab_size, max_length))
+        return final_logits(model, token_ids, training=training)
+
+    return logits_signature
+
+
+TOKEN_IDS = tf.TensorSpec([None, None], tf.int32, name="token_ids")
 GENERATE_SIGNATURE = [
-    tf.TensorSpec([None, None], tf.int32, name="token_ids"),
+    TOKEN_IDS,
     tf.TensorSpec([None], tf.int32, name="lengths"),
     tf.TensorSpec([], tf.int32, name="max_new_tokens"),
     tf.TensorSpec([], tf.float32, name="threshold"),
     tf.TensorSpec([], tf.string, name="mode"),
 ]
+SCORE_SIGNATURE = [GENERATE_SIGNATURE[i] for i in (0, 1, 3, 4)]
 
 
 def export_saved_model(
@@ -139,7 +225,10 @@ def export_saved_model(
     patience: int = 2,
     threshold_decay: float | None = None,
 ) -> str:
-    """Writes `model` as a SavedModel whose `generate` signature decodes with early exit.
+    """Writes `model` as a SavedModel that decodes and scores with early exit in-graph.
+
+    Signatures `generate` (= `serving_default`), `score` and `logits`, plus TF-Hub's
+    reusable SavedModel attributes (the module docstring has the details).
 
     Args:
         model: an `EarlyExitGPT` or a `HierarchicalLlama` (its routers decide causally).
@@ -167,17 +256,44 @@ def export_saved_model(
         ExitPolicy("frozen", criterion, 0.5, max_pending, decision_layers, **options)
     )
     archive = keras.export.ExportArchive()
-    archive.track(model)
-    endpoint = archive.add_endpoint(
-        "generate",
-        _generate_function(
-            adapter, criterion, decision_layers, max_pending, stop_token_ids, options
-        ),
-        input_signature=GENERATE_SIGNATURE,
+    archive.track(model)  # also gives the archive `variables` and `trainable_variables`
+    generate_fn = _generate_function(
+        adapter, criterion, decision_layers, max_pending, stop_token_ids, options
     )
-    endpoint.get_concrete_function()  # trace now: errors surface here, not in write_out
+    score_fn = _score_function(adapter, criterion, decision_layers, max_pending, options)
+    logits_fn = _logits_function(model, adapter)
+    # The first endpoint is also `serving_default`. Tracing happens here, so errors
+    # surface now rather than in `write_out`.
+    archive.add_endpoint("generate", generate_fn, input_signature=GENERATE_SIGNATURE)
+    archive.add_endpoint("score", score_fn, input_signature=SCORE_SIGNATURE)
+    archive.add_endpoint("logits", logits_fn, input_signature=[TOKEN_IDS])
+    _add_reusable_api(archive, model, logits_fn)
     archive.write_out(directory, verbose=False)
     return directory
+
+
+def _add_reusable_api(archive, model, logits_fn) -> None:
+    """TF-Hub's reusable SavedModel API on the archive's root object.
+
+    `ExportArchive` saves only signatures (tensor inputs), so the `__call__` with a
+    Python `training` flag and the `regularization_losses` list go on its root trackable
+    directly (`_tf_trackable`, a private attribute: the check below names it if a Keras
+    release moves it).
+    """
+    root = getattr(archive, "_tf_trackable", None)
+    if root is None:
+        raise RuntimeError(
+            "keras.export.ExportArchive has no `_tf_trackable` root in this Keras version; "
+            "the reusable SavedModel attributes cannot be attached."
+        )
+    call = tf.function(logits_fn, autograph=False)
+    call.get_concrete_function(TOKEN_IDS, training=False)
+    if not getattr(model, "routers", None):
+        # Skip routers train with top-k routing, which needs a static sequence length:
+        # a routed Llama's export has no training=True trace.
+        call.get_concrete_function(TOKEN_IDS, training=True)
+    root.__call__ = call
+    root.regularization_losses = []
 
 
 def xla_ops(directory: str) -> list[str]:
@@ -206,3 +322,14 @@ def generate_with_export(loaded, token_ids, lengths, max_new_tokens, threshold, 
         mode=tf.constant(mode),
     )
     return np.asarray(out["token_ids"]), np.asarray(out["exit_layers"])
+
+
+def score_with_export(loaded, token_ids, lengths, threshold, mode):
+    """Calls a loaded export's `score` signature with numpy inputs; numpy outputs."""
+    out = loaded.signatures["score"](
+        token_ids=tf.constant(np.asarray(token_ids, "int32")),
+        lengths=tf.constant(np.asarray(lengths, "int32")),
+        threshold=tf.constant(float(threshold), tf.float32),
+        mode=tf.constant(mode),
+    )
+    return np.asarray(out["logits"]), np.asarray(out["exit_layers"])

@@ -7,8 +7,13 @@ import numpy as np
 import pytest
 
 from toex_tf.analysis.exit_eval import exit_indices
-from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy
-from toex_tf.inference.quality import compare_modes, score_decoding, summarize_scores
+from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy, generate
+from toex_tf.inference.quality import (
+    compare_modes,
+    exit_logits,
+    score_decoding,
+    summarize_scores,
+)
 from toex_tf.layers.top_k_confidence_gate import TopKConfidenceGate
 from toex_tf.models import build_gpt
 from toex_tf.models.gpt import with_exit_signals
@@ -296,3 +301,52 @@ def test_jax_backend_jits_the_same_scores(tmp_path):
     ):
         for key in ("perplexity", "accuracy", "avg_layers", "avg_exit_layer"):
             assert summary[key] == pytest.approx(reference[key], rel=1e-4), key
+
+
+def test_exit_logits_full_mode_equals_the_forward_pass():
+    model = _model()
+    adapter = DecoderAdapter.from_gpt(model)
+    logits, exits = exit_logits(adapter, ExitPolicy("full"), INPUTS)
+    forward = np.asarray(model(INPUTS)["exit_logits"][-1])
+    np.testing.assert_allclose(np.asarray(logits), forward, atol=1e-4, rtol=0)
+    assert np.all(np.asarray(exits) == 4)
+
+
+@pytest.mark.parametrize("mode", ["unfrozen", "frozen", "lazy"])
+def test_exit_logits_on_generated_tokens_reproduce_generation(mode):
+    """Teacher forcing on the tokens `generate` emitted retraces the same decode: the
+    argmax of each position's logits is the next emitted token and the exits agree."""
+    model = _peaky_model()
+    adapter = DecoderAdapter.from_gpt(model)
+    policy = ExitPolicy(mode, "max_prob", 0.3)  # the emitted tokens exit at layer 1
+    prompt = INPUTS[:2, :4]
+    tokens, exits = generate(adapter, prompt, 8, policy)
+    tokens, exits = np.asarray(tokens), np.asarray(exits)
+    sequence = np.concatenate([prompt, tokens], axis=1)
+    logits, forced_exits = exit_logits(adapter, policy, sequence, prefix_length=4)
+    logits, forced_exits = np.asarray(logits), np.asarray(forced_exits)
+    # Column k is position 3 + k, which predicts emitted token k.
+    np.testing.assert_array_equal(logits[:, :-1].argmax(-1), tokens)
+    np.testing.assert_array_equal(forced_exits[:, :-1], exits)
+    assert (exits[:, 1:] < 4).all()  # the decode steps exited early
+
+
+def test_exit_logits_nll_matches_score_decoding():
+    model = _peaky_model()
+    adapter = DecoderAdapter.from_gpt(model)
+    threshold = _mixed_threshold(_cheap_confidences(model, INPUTS, "max_prob")[1])
+    policy = ExitPolicy("frozen", "max_prob", threshold)
+    logits, exits = exit_logits(adapter, policy, INPUTS)
+    scores = _numpy(score_decoding(adapter, policy, INPUTS, TARGETS))
+    np.testing.assert_allclose(_forward_nll(logits, TARGETS), scores["nll"], atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(exits), scores["exit_layer"])
+
+
+def test_exit_logits_rejects_bad_windows():
+    adapter = DecoderAdapter.from_gpt(_model())
+    with pytest.raises(ValueError, match="rank|batch, length"):
+        exit_logits(adapter, ExitPolicy("full"), INPUTS[0])
+    with pytest.raises(ValueError, match="max_length"):
+        exit_logits(adapter, ExitPolicy("full"), np.zeros((1, 10_000), "int32"))
+    with pytest.raises(ValueError, match="prefix_length"):
+        exit_logits(adapter, ExitPolicy("full"), INPUTS, prefix_length=INPUTS.shape[1] + 1)

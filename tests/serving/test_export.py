@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from toex_tf.export import EXPORT_MODES, export_saved_model, generate_with_export, xla_ops
+from toex_tf.export import (
+    EXPORT_MODES,
+    export_saved_model,
+    generate_with_export,
+    score_with_export,
+    xla_ops,
+)
 from toex_tf.inference import DecoderAdapter, ExitPolicy, generate, pad_prompts
+from toex_tf.inference.quality import exit_logits
 from toex_tf.models import build_gpt, build_llama
 
 PROMPTS = [[5, 9, 2, 7, 11], [3, 8], [12, 4, 6]]
@@ -70,9 +77,131 @@ def test_export_generates_what_python_generates(gpt_export):
 def test_export_has_no_xla_ops_and_named_signatures(gpt_export):
     _, directory, loaded = gpt_export
     assert xla_ops(directory) == []
-    assert {"generate", "serving_default"} <= set(loaded.signatures)
+    assert set(loaded.signatures) == {"generate", "score", "logits", "serving_default"}
     inputs = loaded.signatures["generate"].structured_input_signature[1]
     assert set(inputs) == {"token_ids", "lengths", "max_new_tokens", "threshold", "mode"}
+    inputs = loaded.signatures["serving_default"].structured_input_signature[1]
+    assert set(inputs) == {"token_ids", "lengths", "max_new_tokens", "threshold", "mode"}
+    inputs = loaded.signatures["score"].structured_input_signature[1]
+    assert set(inputs) == {"token_ids", "lengths", "threshold", "mode"}
+
+
+def test_score_equals_python_exit_logits_row_by_row(gpt_export):
+    model, _, loaded = gpt_export
+    ids, lengths = _right_padded(PROMPTS)
+    adapter = DecoderAdapter.from_model(model)
+    early = 0
+    for mode in EXPORT_MODES:
+        for threshold in THRESHOLDS:
+            logits, exits = score_with_export(loaded, ids, lengths, threshold, mode)
+            assert logits.shape == (len(PROMPTS), ids.shape[1], 64)
+            policy = ExitPolicy(mode, "max_prob", threshold)
+            for row, prompt in enumerate(PROMPTS):  # padding never reaches real positions
+                want, want_exits = exit_logits(adapter, policy, np.array([prompt], "int32"))
+                n = len(prompt)
+                np.testing.assert_allclose(logits[row, :n], want[0], atol=1e-5, rtol=0)
+                np.testing.assert_array_equal(exits[row, :n], want_exits[0])
+                assert (logits[row, n:] == 0).all() and (exits[row, n:] == 0).all()
+            early += int(((exits > 0) & (exits < 4)).sum())
+    assert early > 0
+
+
+def test_logits_signature_and_reusable_call_equal_the_model(gpt_export):
+    model, _, loaded = gpt_export
+    ids = np.array([[5, 9, 2, 7], [3, 8, 1, 1]], "int32")
+    want = np.asarray(model(ids)["exit_logits"][-1])
+    out = loaded.signatures["logits"](token_ids=tf.constant(ids))
+    np.testing.assert_allclose(np.asarray(next(iter(out.values()))), want, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(loaded(tf.constant(ids))), want, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(loaded(tf.constant(ids), training=True)), want, atol=1e-5
+    )  # the tiny preset has no dropout: training=True is the same function here
+    with pytest.raises(tf.errors.InvalidArgumentError, match="vocabulary"):
+        loaded(tf.constant([[5, 640]]))
+
+
+def test_reusable_saved_model_attributes(gpt_export):
+    model, _, loaded = gpt_export
+    assert len(loaded.variables) == len(model.variables)
+    assert len(loaded.trainable_variables) == len(model.trainable_variables)
+    assert {v.shape for v in loaded.trainable_variables} == {
+        tuple(v.shape) for v in model.trainable_variables
+    }
+    assert list(loaded.regularization_losses) == []
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(threshold=1.5), r"threshold must be in \[0, 1\]"),
+        (dict(mode="fast"), "unknown mode"),
+        (dict(token_ids=[[5, 999]], lengths=[2]), r"token ids must be in \[0, 64\)"),
+        (dict(token_ids=np.zeros((1, 40), "int32"), lengths=[40]), "wider than max_length=32"),
+        (dict(token_ids=[[5, 6]], lengths=[3]), "must not exceed the width"),
+    ],
+)
+def test_bad_input_to_score(gpt_export, change, message):
+    _, _, loaded = gpt_export
+    args = dict(token_ids=[[5, 6, 7]], lengths=[3], threshold=0.5, mode="frozen")
+    args.update(change)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        score_with_export(loaded, **args)
+
+
+HUB_PROCESS = """
+import json, sys
+sys.modules["toex_tf"] = None  # toex_tf must not be importable here
+import numpy as np
+import tensorflow as tf
+import tensorflow_hub as hub
+loaded = hub.load(sys.argv[1])
+for name in ("variables", "trainable_variables", "regularization_losses"):
+    assert isinstance(list(getattr(loaded, name)), list), name
+assert callable(loaded)
+ids = tf.constant(json.loads(sys.argv[2]), tf.int32)
+logits = loaded(ids, training=False)
+print("RESULT", json.dumps({
+    "logits": np.asarray(logits).tolist(),
+    "variables": len(loaded.variables),
+    "trainable": len(loaded.trainable_variables),
+    "regularization_losses": len(loaded.regularization_losses),
+}))
+"""
+
+
+def test_hub_load_in_a_fresh_process(gpt_export, tmp_path):
+    model, directory, _ = gpt_export
+    ids = [[5, 9, 2], [7, 3, 1]]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", HUB_PROCESS, directory, json.dumps(ids)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
+    out = json.loads(line[len("RESULT ") :])
+    want = np.asarray(model(np.array(ids, "int32"))["exit_logits"][-1])
+    np.testing.assert_allclose(np.array(out["logits"]), want, atol=1e-5)
+    assert out["variables"] == len(model.variables)
+    assert out["trainable"] == len(model.trainable_variables)
+    assert out["regularization_losses"] == 0
+
+
+def test_tfsm_layer_in_a_keras_3_model(gpt_export):
+    import keras  # noqa: PLC0415
+
+    model, directory, _ = gpt_export
+    token_ids = keras.Input((None,), dtype="int32")
+    logits = keras.layers.TFSMLayer(directory, call_endpoint="logits")(token_ids)
+    probabilities = keras.layers.Softmax()(logits)
+    wrapped = keras.Model(token_ids, probabilities)
+    ids = np.array([[5, 9, 2, 7]], "int32")
+    want = keras.ops.softmax(model(ids)["exit_logits"][-1], axis=-1)
+    np.testing.assert_allclose(np.asarray(wrapped(ids)), np.asarray(want), atol=1e-5)
 
 
 FRESH_PROCESS = """
@@ -185,3 +314,11 @@ def test_llama_with_exits_and_routers_exports(tmp_path):
         np.testing.assert_array_equal(exits, want_exits, err_msg=mode)
         if threshold == 0.0:  # after the prefill's token, every token leaves at layer 1
             assert (exits[:, 1:] == 1).all()
+        logits, exits = score_with_export(loaded, ids, lengths, threshold, mode)
+        for row, row_ids in enumerate(PROMPTS):
+            want, want_exits = exit_logits(adapter, policy, np.array([row_ids], "int32"))
+            n = len(row_ids)
+            np.testing.assert_allclose(logits[row, :n], want[0], atol=1e-5, rtol=0)
+            np.testing.assert_array_equal(exits[row, :n], want_exits[0])
+    want = np.asarray(model(ids)["logits"])
+    np.testing.assert_allclose(np.asarray(loaded(tf.constant(ids))), want, atol=1e-5)

@@ -16,7 +16,13 @@ import keras
 import numpy as np
 from keras import ops
 
-from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy, decode_step, prefill
+from toex_tf.inference.decoding import (
+    DecoderAdapter,
+    ExitPolicy,
+    decode_step,
+    prefill,
+    write_time_slice,
+)
 
 
 def _validate(adapter: DecoderAdapter, inputs, targets, prefix_length: int) -> tuple:
@@ -43,6 +49,100 @@ def _validate(adapter: DecoderAdapter, inputs, targets, prefix_length: int) -> t
             f"prefix_length must be in [1, window length) = [1, {length}); got {prefix_length}."
         )
     return input_shape[0], length
+
+
+def teacher_forced(adapter, policy, inputs, prefix_length, positions, write, outputs):
+    """`policy`'s decode loop over `inputs` with the true token fed at every position.
+
+    Prefills `inputs[:, :prefix_length]`, then runs `decode_step` for each position
+    `t >= prefix_length` with token `inputs[:, t]`, carrying the mode's caches (and lazy
+    state). `write(column, logits, exit_layer, depth, outputs) -> outputs` records each
+    of the `positions` scored positions: column 0 is the prefill's last position (full
+    depth), column `c` is position `prefix_length - 1 + c`. One `ops.while_loop`, so it
+    compiles into one program; `positions` may be a tensor (a dynamic window length).
+
+    Returns:
+        The final `outputs`.
+    """
+    batch = ops.shape(inputs)[0]
+    num_layers = adapter.num_layers
+    extra = policy.max_pending if policy.mode == "lazy" else 0
+    caches = adapter.empty_caches(batch, extra)
+    logits, caches = prefill(adapter, inputs[:, :prefix_length], caches)
+    lazy = ()
+    if policy.mode == "lazy":
+        hidden_dim = adapter.output_embedding.hidden_dim
+        lazy = adapter.empty_lazy_state(batch, prefix_length, extra, hidden_dim)
+    full_exit = ops.full((batch,), num_layers, "int32")
+    zero = ops.zeros((), "int32")
+    outputs = write(zero, logits, full_exit, ops.full((), num_layers, "int32"), outputs)
+
+    def condition(column, caches, lazy, outputs):
+        return column < positions
+
+    def body(column, caches, lazy, outputs):
+        position = prefix_length - 1 + column
+        token_ids = ops.take(inputs, ops.reshape(position, (1,)), axis=1)
+        logits, exit_layer, caches, lazy, depth = decode_step(
+            adapter, policy, token_ids, position, list(caches), lazy
+        )
+        outputs = write(column, logits, exit_layer, ops.cast(depth, "int32"), outputs)
+        return column + 1, tuple(caches), lazy, outputs
+
+    one = ops.ones((), "int32")
+    _, _, _, outputs = ops.while_loop(condition, body, (one, tuple(caches), lazy, outputs))
+    return outputs
+
+
+def exit_logits(adapter: DecoderAdapter, policy: ExitPolicy, inputs, prefix_length: int = 1):
+    """The logits of the exit each position takes under `policy`, teacher-forced.
+
+    `inputs[:, :prefix_length]` is prefilled at full depth (as `generate` prefills a
+    prompt); each later position `t` runs `decode_step` on the true token `inputs[:, t]`
+    with the mode's own caches. So with `prefix_length` = the prompt's length, the logits
+    and exit layers are exactly those `generate` produces when it emits the rest of
+    `inputs`. With the default 1, the whole window is scored under the mode (the
+    SavedModel export's `score` signature). The window length may be dynamic.
+
+    Args:
+        adapter: the model.
+        policy: the exit policy.
+        inputs: int `(batch, length)` token ids, `1 <= length <= adapter.max_length`.
+        prefix_length: int in `[1, length]`, defaults to 1.
+
+    Returns:
+        `(logits, exit_layer)` for positions `prefix_length - 1 .. length - 1`: float32
+        `(batch, length - prefix_length + 1, vocab)`, the logits of the next token after
+        each position, and int32 `(batch, length - prefix_length + 1)` 1-based exit
+        layers (the first position's is the prefill's: full depth).
+    """
+    inputs = inputs if hasattr(inputs, "shape") else np.asarray(inputs)
+    if len(inputs.shape) != 2:
+        raise ValueError(f"inputs must be (batch, length) token ids; got shape {inputs.shape}.")
+    length = inputs.shape[1]
+    if length is not None and not 1 <= length <= adapter.max_length:
+        raise ValueError(
+            f"window length must be in [1, max_length={adapter.max_length}]; got {length}."
+        )
+    if isinstance(prefix_length, bool) or not isinstance(prefix_length, (int, np.integer)):
+        raise TypeError(f"prefix_length must be an int; got {prefix_length!r}.")
+    if prefix_length < 1 or (length is not None and prefix_length > length):
+        raise ValueError(f"prefix_length must be in [1, window length]; got {prefix_length}.")
+    inputs = ops.cast(ops.convert_to_tensor(inputs), "int32")
+    batch, length = ops.shape(inputs)[0], ops.shape(inputs)[1]
+    vocab = adapter.vocab_size
+
+    def write(column, logits, exit_layer, depth, outputs):
+        buffer, exits = outputs
+        buffer = write_time_slice(buffer, column, ops.cast(logits, "float32")[:, None])
+        return buffer, write_time_slice(exits, column, exit_layer[:, None])
+
+    positions = length - prefix_length + 1
+    outputs = (
+        ops.zeros((batch, positions, vocab), "float32"),
+        ops.zeros((batch, positions), "int32"),
+    )
+    return teacher_forced(adapter, policy, inputs, prefix_length, positions, write, outputs)
 
 
 def score_decoding(
@@ -83,18 +183,11 @@ def score_decoding(
     batch, length = _validate(adapter, inputs, targets, prefix_length)
     inputs = ops.cast(ops.convert_to_tensor(inputs), "int32")
     targets = ops.cast(ops.convert_to_tensor(targets), "int32")
-    num_layers = adapter.num_layers
     positions = length - prefix_length + 1
-    extra = policy.max_pending if policy.mode == "lazy" else 0
-    caches = adapter.empty_caches(batch, extra)
-    logits, caches = prefill(adapter, inputs[:, :prefix_length], caches)
-    lazy = ()
-    if policy.mode == "lazy":
-        hidden_dim = adapter.output_embedding.hidden_dim
-        lazy = adapter.empty_lazy_state(batch, prefix_length, extra, hidden_dim)
 
-    def score(column, logits, nll, correct, exits, depths, exit_layer, depth):
+    def score(column, logits, exit_layer, depth, outputs):
         """Writes the scores of `logits` (position `prefix_length - 1 + column`)."""
+        nll, correct, exits, depths = outputs
         position = prefix_length - 1 + column
         target = ops.take(targets, ops.reshape(position, (1,)), axis=1)[:, 0]
         log_probs = ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
@@ -109,37 +202,15 @@ def score_decoding(
         depths = ops.where(here, depth, depths)
         return nll, correct, exits, depths
 
-    full_exit = ops.full((batch,), num_layers, "int32")
-    full_depth = ops.full((), num_layers, "int32")
-    zero = ops.zeros((), "int32")
-    nll, correct, exits, depths = score(
-        zero,
-        logits,
+    outputs = (
         ops.zeros((batch, positions), "float32"),
         ops.zeros((batch, positions), "float32"),
         ops.zeros((batch, positions), "int32"),
         ops.zeros((positions,), "int32"),
-        full_exit,
-        full_depth,
     )
-
-    def condition(column, caches, lazy, nll, correct, exits, depths):
-        return column < positions
-
-    def body(column, caches, lazy, nll, correct, exits, depths):
-        position = prefix_length - 1 + column
-        token_ids = ops.take(inputs, ops.reshape(position, (1,)), axis=1)
-        logits, exit_layer, caches, lazy, depth = decode_step(
-            adapter, policy, token_ids, position, list(caches), lazy
-        )
-        nll, correct, exits, depths = score(
-            column, logits, nll, correct, exits, depths, exit_layer, ops.cast(depth, "int32")
-        )
-        return column + 1, tuple(caches), lazy, nll, correct, exits, depths
-
-    one = ops.ones((), "int32")
-    state = (one, tuple(caches), lazy, nll, correct, exits, depths)
-    _, _, _, nll, correct, exits, depths = ops.while_loop(condition, body, state)
+    nll, correct, exits, depths = teacher_forced(
+        adapter, policy, inputs, prefix_length, positions, score, outputs
+    )
     return {"nll": nll, "correct": correct, "exit_layer": exits, "depth": depths}
 
 
