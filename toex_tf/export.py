@@ -35,6 +35,8 @@ from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy, generate
 from toex_tf.inference.quality import exit_logits
 
 EXPORT_MODES = ("full", "unfrozen", "frozen", "lazy")
+# What `export_saved_model` writes; the first is also `serving_default`.
+SIGNATURES = ("generate", "score", "logits", "serving_default")
 
 
 def _checked(tensor, checks):

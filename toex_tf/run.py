@@ -482,7 +482,7 @@ def _append_to_config_log(flag_values: dict, **outcome) -> None:
 
 
 def _export(pipeline, model_path):
-    from toex_tf.export import export_saved_model  # noqa: PLC0415
+    from toex_tf.export import SIGNATURES, export_saved_model  # noqa: PLC0415
 
     directory = FLAGS.export_dir or os.path.join(FLAGS.output_dir, "saved_model")
     options = _policy_options()
@@ -503,7 +503,7 @@ def _export(pipeline, model_path):
         threshold_decay=options["threshold_decay"],
         stop_token_ids=stop,
     )
-    print(json.dumps({"saved_model": directory, "signatures": ["generate", "serving_default"]}))
+    print(json.dumps({"saved_model": directory, "signatures": list(SIGNATURES)}))
 
 
 def _generate(pipeline, flag_values):

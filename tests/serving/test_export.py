@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from toex_tf.export import (
     EXPORT_MODES,
+    SIGNATURES,
     export_saved_model,
     generate_with_export,
     score_with_export,
@@ -77,7 +78,8 @@ def test_export_generates_what_python_generates(gpt_export):
 def test_export_has_no_xla_ops_and_named_signatures(gpt_export):
     _, directory, loaded = gpt_export
     assert xla_ops(directory) == []
-    assert set(loaded.signatures) == {"generate", "score", "logits", "serving_default"}
+    assert set(loaded.signatures) == set(SIGNATURES)
+    assert set(SIGNATURES) == {"generate", "score", "logits", "serving_default"}
     inputs = loaded.signatures["generate"].structured_input_signature[1]
     assert set(inputs) == {"token_ids", "lengths", "max_new_tokens", "threshold", "mode"}
     inputs = loaded.signatures["serving_default"].structured_input_signature[1]
