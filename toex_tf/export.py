@@ -89,14 +89,7 @@ def _mode_index(mode):
     return tf.argmax(tf.cast(tf.equal(mode, modes), tf.int32), output_type=tf.int32)
 
 
-def _generate_function(
-    adapter: DecoderAdapter,
-    criterion: str,
-    decision_layers,
-    max_pending: int,
-    stop_token_ids,
-    policy_options: dict,
-):
+def _generate_function(adapter: DecoderAdapter, make_policy, stop_token_ids):
     max_length, vocab_size = adapter.max_length, adapter.vocab_size
     # Buffers are sized once; `max_new_tokens` (an input) stops the loop earlier.
     capacity = max_length - 1
@@ -122,19 +115,11 @@ def _generate_function(
 
         def branch(name):
             def run():
-                policy = ExitPolicy(
-                    name,
-                    criterion,
-                    threshold,
-                    max_pending=max_pending,
-                    decision_layers=decision_layers,
-                    **policy_options,
-                )
                 return generate(
                     adapter,
                     prompt,
                     capacity,
-                    policy,
+                    make_policy(name, threshold),
                     stop_token_ids=stop_token_ids,
                     padding_mask=tf.cast(padding_mask, "int32"),
                     new_token_limit=max_new_tokens,
@@ -152,7 +137,7 @@ def _generate_function(
     return generate_signature
 
 
-def _score_function(adapter, criterion, decision_layers, max_pending, policy_options):
+def _score_function(adapter: DecoderAdapter, make_policy):
     max_length, vocab_size = adapter.max_length, adapter.vocab_size
 
     def score_signature(token_ids, lengths, threshold, mode):
@@ -164,15 +149,7 @@ def _score_function(adapter, criterion, decision_layers, max_pending, policy_opt
 
         def branch(name):
             def run():
-                policy = ExitPolicy(
-                    name,
-                    criterion,
-                    threshold,
-                    max_pending=max_pending,
-                    decision_layers=decision_layers,
-                    **policy_options,
-                )
-                return exit_logits(adapter, policy, token_ids)
+                return exit_logits(adapter, make_policy(name, threshold), token_ids)
 
             return run
 
@@ -252,17 +229,24 @@ def export_saved_model(
         )
     kwargs = {"max_length": max_length} if hasattr(model, "llama_config") else {}
     adapter = DecoderAdapter.from_model(model, **kwargs)
+
+    def make_policy(mode, threshold):
+        return ExitPolicy(
+            mode,
+            criterion,
+            threshold,
+            max_pending=max_pending,
+            decision_layers=decision_layers,
+            patience=patience,
+            threshold_decay=threshold_decay,
+        )
+
     # Fail here, not at serving time, on a bad criterion or decision layer.
-    options = {"patience": patience, "threshold_decay": threshold_decay}
-    adapter.decision_layers(
-        ExitPolicy("frozen", criterion, 0.5, max_pending, decision_layers, **options)
-    )
+    adapter.decision_layers(make_policy("frozen", 0.5))
     archive = keras.export.ExportArchive()
     archive.track(model)  # also gives the archive `variables` and `trainable_variables`
-    generate_fn = _generate_function(
-        adapter, criterion, decision_layers, max_pending, stop_token_ids, options
-    )
-    score_fn = _score_function(adapter, criterion, decision_layers, max_pending, options)
+    generate_fn = _generate_function(adapter, make_policy, stop_token_ids)
+    score_fn = _score_function(adapter, make_policy)
     logits_fn = _logits_function(model, adapter)
     # The first endpoint is also `serving_default`. Tracing happens here, so errors
     # surface now rather than in `write_out`.

@@ -174,18 +174,7 @@ print("RESULT", json.dumps({
 def test_hub_load_in_a_fresh_process(gpt_export, tmp_path):
     model, directory, _ = gpt_export
     ids = [[5, 9, 2], [7, 3, 1]]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run(
-        [sys.executable, "-c", HUB_PROCESS, directory, json.dumps(ids)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
-    out = json.loads(line[len("RESULT ") :])
+    out = _fresh_process(HUB_PROCESS, tmp_path, directory, json.dumps(ids))
     want = np.asarray(model(np.array(ids, "int32"))["exit_logits"][-1])
     np.testing.assert_allclose(np.array(out["logits"]), want, atol=1e-5)
     assert out["variables"] == len(model.variables)
@@ -225,20 +214,12 @@ print("RESULT", json.dumps(result))
 """
 
 
-def test_fresh_process_without_toex_tf_generates_the_same_tokens(gpt_export, tmp_path):
-    model, directory, loaded = gpt_export
-    ids, lengths = _right_padded(PROMPTS)
+def _fresh_process(script, cwd, *args):
+    """Runs `script` in a new Python (no PYTHONPATH); returns the JSON after `RESULT `."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            FRESH_PROCESS,
-            directory,
-            json.dumps(ids.tolist()),
-            json.dumps(lengths.tolist()),
-        ],
-        cwd=tmp_path,
+        [sys.executable, "-c", script, *args],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -246,7 +227,16 @@ def test_fresh_process_without_toex_tf_generates_the_same_tokens(gpt_export, tmp
     )
     assert result.returncode == 0, result.stderr[-2000:]
     line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
-    tokens, exits = (np.array(a) for a in json.loads(line[len("RESULT ") :]))
+    return json.loads(line[len("RESULT ") :])
+
+
+def test_fresh_process_without_toex_tf_generates_the_same_tokens(gpt_export, tmp_path):
+    model, directory, loaded = gpt_export
+    ids, lengths = _right_padded(PROMPTS)
+    result = _fresh_process(
+        FRESH_PROCESS, tmp_path, directory, json.dumps(ids.tolist()), json.dumps(lengths.tolist())
+    )
+    tokens, exits = (np.array(a) for a in result)
     want_tokens, want_exits = generate_with_export(loaded, ids, lengths, 8, 0.45, "lazy")
     np.testing.assert_array_equal(tokens, want_tokens)
     np.testing.assert_array_equal(exits, want_exits)
