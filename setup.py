@@ -24,11 +24,15 @@ setup(
         "huggingface_hub",
     ],
     extras_require={
+        # The export's in-graph SentencePiece tokenizer (generate_text). tensorflow-text
+        # releases track TensorFlow's minor version, so this may pin TensorFlow.
+        "text": ["tensorflow-text"],
         # jax: the no-TensorFlow import test runs the layers on the JAX backend.
         # torch + transformers: the Llama loader's parity test (install the CPU build of
         # torch first on a machine without a GPU; .ci/run does).
         # tensorflow-hub: the export's hub.load test (it imports pkg_resources, which
         # setuptools dropped in 81). nbclient + ipykernel: the Kaggle notebook runs headless.
+        # tensorflow-text: the export's generate_text signature with SentencePiece.
         "test": [
             "pytest",
             "ruff",
@@ -40,6 +44,7 @@ setup(
             "nbclient",
             "nbformat",
             "ipykernel",
+            "tensorflow-text",
         ],
     },
 )

@@ -40,6 +40,7 @@ def test_notebook_runs_headless_in_tiny_mode(tmp_path, monkeypatch):
     assert "tiny mode" in outputs
     assert "exit layer of each new token" in outputs
     assert "'score'" in outputs  # the reloaded export lists its signatures
+    assert "generate_text: 'Return the" in outputs  # tiny mode: the byte tokenizer in-graph
     assert os.path.exists(tmp_path / "out" / "saved_model" / "saved_model.pb")
     images = [
         output

@@ -432,7 +432,9 @@ def test_export_then_saved_model_cli_show_and_run(trained_tiny, tmp_path):
     export_dir = tmp_path / "exported"
     result = _run(*args, "--mode=export", f"--export_dir={export_dir}", "--decision_layers=1")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1])["saved_model"] == str(export_dir)
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert printed["saved_model"] == str(export_dir)
+    assert "generate_text" in printed["signatures"]  # the byte tokenizer goes into the graph
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
     shown = subprocess.run(
         [cli, "show", "--dir", str(export_dir), "--all"], capture_output=True, text=True
@@ -459,3 +461,21 @@ def test_export_then_saved_model_cli_show_and_run(trained_tiny, tmp_path):
     for name, values in (("token_ids", tokens), ("exit_layers", exits)):
         row = r"\s+".join(str(v) for v in values[0])
         assert re.search(rf"{name}.*\[\[\s*{row}\s*\]\]", printed), (name, row, printed[-800:])
+    # Text in, text out, through the same command-line client.
+    ran = subprocess.run(
+        [
+            cli, "run", "--dir", str(export_dir), "--tag_set", "serve",
+            "--signature_def", "generate_text", "--input_exprs",
+            "prompt=['The ', 'Once'];max_new_tokens=6;threshold=0.5;mode='lazy'",
+        ],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    from toex_tf.export import generate_text_with_export  # noqa: PLC0415
+
+    texts, _, _ = generate_text_with_export(
+        tf.saved_model.load(str(export_dir)), ["The ", "Once"], 6, 0.5, "lazy"
+    )
+    assert any(texts)
+    for text in texts:  # saved_model_cli prints the string tensor's bytes
+        assert repr(text.encode()) in ran.stdout, (text, ran.stdout[-800:])

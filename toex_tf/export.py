@@ -17,6 +17,12 @@ Signatures (the decode loops run in the graph, so TF Serving, `tf.saved_model.lo
   decode loop reads the row (teacher-forced, `toex_tf.inference.quality.exit_logits`),
   and `exit_layers` int32 `(batch, width)`; zeros past each row's length.
 - `logits`: `token_ids` `(batch, width)` -> the final layer's logits, one forward pass.
+- `generate_text` (only with `tokenizer=`): `prompt` string `(batch,)`, `max_new_tokens`,
+  `threshold`, `mode` -> `text` string `(batch,)` (each row's continuation up to its
+  first stop token, as it reads after the prompt), `token_ids` and `exit_layers` (as
+  `generate`). Tokenization runs in the graph (`toex_tf.graph_text`): the byte tokenizer
+  with core ops; SentencePiece with tensorflow-text's op, so loading such an export
+  needs `import tensorflow_text` first.
 
 The root object also meets TF-Hub's reusable SavedModel API: `__call__(inputs,
 training=False)` (the final logits, as `logits`), `variables`, `trainable_variables` and
@@ -27,16 +33,23 @@ with an `InvalidArgumentError` naming the problem (`tf.debugging` asserts that r
 any layer). Cache writes are scatters, so the graph holds no `Xla*` op.
 """
 
+import os
+
 import keras
 import numpy as np
 import tensorflow as tf
 
+from toex_tf.data.tokenizers import Tokenizer, load_tokenizer
 from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy, generate
 from toex_tf.inference.quality import exit_logits
 
 EXPORT_MODES = ("full", "unfrozen", "frozen", "lazy")
 # What `export_saved_model` writes; the first is also `serving_default`.
 SIGNATURES = ("generate", "score", "logits", "serving_default")
+# Added by `export_saved_model(..., tokenizer=...)`.
+TEXT_SIGNATURE = "generate_text"
+# Where the export keeps a copy of its tokenizer (`load_tokenizer` reads it back).
+TOKENIZER_SUBDIR = "assets.extra/tokenizer"
 
 
 def _checked(tensor, checks):
@@ -163,6 +176,45 @@ def _score_function(adapter: DecoderAdapter, make_policy):
     return score_signature
 
 
+def _generate_text_function(generate_endpoint, graph_tokenizer, stop_token_ids):
+    stop_ids = tf.constant(list(stop_token_ids) or [-1], tf.int32)
+
+    def generate_text_signature(prompt, max_new_tokens, threshold, mode):
+        from toex_tf.graph_text import valid_utf8  # noqa: PLC0415
+
+        prompt = _checked(
+            prompt,
+            [
+                tf.debugging.Assert(
+                    tf.reduce_all(valid_utf8(prompt)), ["every prompt must be valid UTF-8"]
+                ),
+                tf.debugging.Assert(
+                    tf.reduce_all(tf.strings.length(prompt) > 0),
+                    ["every prompt must be non-empty text"],
+                ),
+            ],
+        )
+        ids = graph_tokenizer.encode(prompt)
+        out = generate_endpoint(
+            token_ids=ids.to_tensor(0),
+            lengths=tf.cast(ids.row_lengths(), tf.int32),
+            max_new_tokens=max_new_tokens,
+            threshold=threshold,
+            mode=mode,
+        )
+        tokens = out["token_ids"]
+        stopped = tf.reduce_any(tf.equal(tokens[:, :, None], stop_ids), axis=-1)
+        # Up to (not including) each row's first stop token.
+        keep = tf.equal(tf.cumsum(tf.cast(stopped, tf.int32), axis=1), 0)
+        return {
+            "text": graph_tokenizer.decode(tokens, keep),
+            "token_ids": tokens,
+            "exit_layers": out["exit_layers"],
+        }
+
+    return generate_text_signature
+
+
 def final_logits(model, token_ids, training=False):
     """The last layer's logits of an `EarlyExitGPT` or a `HierarchicalLlama`."""
     outputs = model(token_ids, training=training)
@@ -191,6 +243,7 @@ GENERATE_SIGNATURE = [
     tf.TensorSpec([], tf.string, name="mode"),
 ]
 SCORE_SIGNATURE = [GENERATE_SIGNATURE[i] for i in (0, 1, 3, 4)]
+GENERATE_TEXT_SIGNATURE = [tf.TensorSpec([None], tf.string, name="prompt")] + GENERATE_SIGNATURE[2:]
 
 
 def export_saved_model(
@@ -199,15 +252,17 @@ def export_saved_model(
     criterion: str = "max_prob",
     decision_layers=None,
     max_pending: int = 8,
-    stop_token_ids=(),
+    stop_token_ids=None,
     max_length: int | None = None,
     patience: int = 2,
     threshold_decay: float | None = None,
+    tokenizer: Tokenizer | str | None = None,
 ) -> str:
     """Writes `model` as a SavedModel that decodes and scores with early exit in-graph.
 
-    Signatures `generate` (= `serving_default`), `score` and `logits`, plus TF-Hub's
-    reusable SavedModel attributes (the module docstring has the details).
+    Signatures `generate` (= `serving_default`), `score` and `logits` (+ `generate_text`
+    with a tokenizer), plus TF-Hub's reusable SavedModel attributes (the module docstring
+    has the details).
 
     Args:
         model: an `EarlyExitGPT` or a `HierarchicalLlama` (its routers decide causally).
@@ -215,13 +270,23 @@ def export_saved_model(
         criterion: the exit criterion (`toex_tf.inference.DECODE_CRITERIA`).
         decision_layers: exits where a step may decide; None: every exit.
         max_pending: lazy mode's catch-up window.
-        stop_token_ids: rows stop after emitting one of these.
+        stop_token_ids: rows stop after emitting one of these. None: the tokenizer's eos
+            id with a tokenizer, else none.
         max_length: Llama only: the KV cache length (default: the config's).
         patience, threshold_decay: `ExitPolicy` options of the `patience` criterion and
             of a threshold that decays with position.
+        tokenizer: None, or a `ByteTokenizer` / `SentencePieceTokenizer` (or a directory
+            `load_tokenizer` reads) matching the model: adds the `generate_text`
+            signature and a copy of the tokenizer under `directory/assets.extra/tokenizer`.
+            SentencePiece needs tensorflow-text, at export and at load.
 
     Returns:
         `directory`.
+
+    Raises:
+        ValueError: a bad criterion or decision layer, or a tokenizer whose vocabulary
+            is larger than the model's.
+        TypeError: a tokenizer with no in-graph form (`toex_tf.graph_text`).
     """
     if keras.backend.backend() != "tensorflow":
         raise RuntimeError(
@@ -229,6 +294,20 @@ def export_saved_model(
         )
     kwargs = {"max_length": max_length} if hasattr(model, "llama_config") else {}
     adapter = DecoderAdapter.from_model(model, **kwargs)
+    graph_tokenizer = None
+    if tokenizer is not None:
+        from toex_tf.graph_text import GraphTokenizer  # noqa: PLC0415
+
+        if isinstance(tokenizer, str):
+            tokenizer = load_tokenizer(tokenizer)
+        if tokenizer.vocab_size > adapter.vocab_size:
+            raise ValueError(
+                f"The tokenizer's vocab_size ({tokenizer.vocab_size}) exceeds the model's "
+                f"({adapter.vocab_size}); export with the tokenizer the model was trained with."
+            )
+        graph_tokenizer = GraphTokenizer(tokenizer, vocab_size=adapter.vocab_size)
+    if stop_token_ids is None:
+        stop_token_ids = (tokenizer.eos_id,) if tokenizer is not None else ()
 
     def make_policy(mode, threshold):
         return ExitPolicy(
@@ -248,14 +327,47 @@ def export_saved_model(
     generate_fn = _generate_function(adapter, make_policy, stop_token_ids)
     score_fn = _score_function(adapter, make_policy)
     logits_fn = _logits_function(model, adapter)
-    # The first endpoint is also `serving_default`. Tracing happens here, so errors
-    # surface now rather than in `write_out`.
-    archive.add_endpoint("generate", generate_fn, input_signature=GENERATE_SIGNATURE)
+    # The first endpoint is also `serving_default`. Each is traced once, in `_write_out`.
+    generate_endpoint = archive.add_endpoint(
+        "generate", generate_fn, input_signature=GENERATE_SIGNATURE
+    )
     archive.add_endpoint("score", score_fn, input_signature=SCORE_SIGNATURE)
     archive.add_endpoint("logits", logits_fn, input_signature=[TOKEN_IDS])
+    if graph_tokenizer is not None:
+        archive.track(graph_tokenizer)  # the SentencePiece op's model resource
+        # Calls the `generate` function: its decode loops are traced once, not twice.
+        text_fn = _generate_text_function(generate_endpoint, graph_tokenizer, stop_token_ids)
+        archive.add_endpoint(TEXT_SIGNATURE, text_fn, input_signature=GENERATE_TEXT_SIGNATURE)
     _add_reusable_api(archive, model, logits_fn)
-    archive.write_out(directory, verbose=False)
+    _write_out(archive, directory)
+    if tokenizer is not None:
+        tokenizer.save(os.path.join(directory, TOKENIZER_SUBDIR))
     return directory
+
+
+def _write_out(archive, directory: str) -> None:
+    """`archive.write_out(directory)`, with each endpoint traced once instead of twice.
+
+    Keras's `write_out` traces every endpoint to find the variables it uses, then
+    `tf.saved_model.save` traces it again: a save context is part of the trace cache key.
+    Concrete functions (as signatures and as the root's endpoint attributes) are not
+    retraced, which halves export time (the decode loops dominate it). Falls back to
+    `write_out` if a Keras release moves the private attributes this needs.
+    """
+    names = getattr(archive, "_endpoint_names", None)
+    track = getattr(archive, "_filter_and_track_resources", None)
+    if not names or track is None:
+        archive.write_out(directory, verbose=False)
+        return
+    track()
+    root = archive._tf_trackable
+    signatures = {name: getattr(root, name).get_concrete_function() for name in names}
+    for name, concrete in signatures.items():
+        # The object graph would trace a `tf.function` attribute again; its one trace
+        # (a concrete function) is saved as is.
+        setattr(root, name, concrete)
+    signatures.setdefault("serving_default", signatures[names[0]])
+    tf.saved_model.save(root, directory, signatures=signatures)
 
 
 def _add_reusable_api(archive, model, logits_fn) -> None:
@@ -319,3 +431,15 @@ def score_with_export(loaded, token_ids, lengths, threshold, mode):
         mode=tf.constant(mode),
     )
     return np.asarray(out["logits"]), np.asarray(out["exit_layers"])
+
+
+def generate_text_with_export(loaded, prompts, max_new_tokens, threshold, mode):
+    """Calls a loaded export's `generate_text` signature; (list of str, tokens, exits)."""
+    out = loaded.signatures[TEXT_SIGNATURE](
+        prompt=tf.constant(list(prompts), tf.string),
+        max_new_tokens=tf.constant(int(max_new_tokens), tf.int32),
+        threshold=tf.constant(float(threshold), tf.float32),
+        mode=tf.constant(mode),
+    )
+    texts = [t.decode("utf-8") for t in out["text"].numpy()]
+    return texts, np.asarray(out["token_ids"]), np.asarray(out["exit_layers"])

@@ -10,7 +10,8 @@ Modes:
     calibrate        the cheapest threshold that keeps agreement with full depth → calibration.json
     train_gates      add LearnedExitGates to the trained model and fit them (frozen base)
     export           OUTPUT_DIR/model.keras → a SavedModel whose `generate` signature runs
-                     the early-exit decode loop in the graph (--export_dir; toex_tf.export)
+                     the early-exit decode loop in the graph (--export_dir; toex_tf.export);
+                     with the run's tokenizer in the graph, `generate_text` too (--export_text)
     benchmark        decode speed (tokens/s, measured and ideal speedup) of exit modes
                      against full depth on held-out prompts → benchmark.json, benchmark.png
     calibrate        the cheapest --decode_mode threshold whose output agrees with full
@@ -154,6 +155,13 @@ flags.DEFINE_list(
 flags.DEFINE_integer("max_pending", 8, "Lazy mode: the catch-up window.", lower_bound=2)
 flags.DEFINE_string(
     "export_dir", None, "--mode=export: where the SavedModel goes (default OUTPUT_DIR/saved_model)."
+)
+flags.DEFINE_enum(
+    "export_text",
+    "auto",
+    ["auto", "yes", "no"],
+    "--mode=export: add the text-in, text-out `generate_text` signature (in-graph tokenizer). "
+    "auto: yes for the byte tokenizer, and for SentencePiece when tensorflow-text is installed.",
 )
 flags.DEFINE_integer("patience", 2, "patience criterion: agreeing exits needed.", 1)
 flags.DEFINE_float(
@@ -482,17 +490,24 @@ def _append_to_config_log(flag_values: dict, **outcome) -> None:
 
 
 def _export(pipeline, model_path):
-    from toex_tf.export import SIGNATURES, export_saved_model  # noqa: PLC0415
+    from toex_tf.export import SIGNATURES, TEXT_SIGNATURE, export_saved_model  # noqa: PLC0415
 
     directory = FLAGS.export_dir or os.path.join(FLAGS.output_dir, "saved_model")
     options = _policy_options()
-    stop = ()  # rows stop at the tokenizer's end-of-text id, as --mode=generate does
     tokenizer_dir = os.path.join(FLAGS.output_dir, "tokenizer")
+    tokenizer = None
     if os.path.isdir(tokenizer_dir):
         from toex_tf.data import load_tokenizer  # noqa: PLC0415
 
-        eos = getattr(load_tokenizer(tokenizer_dir), "eos_id", None)
-        stop = () if eos is None else (int(eos),)
+        tokenizer = load_tokenizer(tokenizer_dir)
+    problem = _text_export_problem(tokenizer, tokenizer_dir)
+    if problem and FLAGS.export_text == "yes":
+        raise app.UsageError(f"--export_text=yes: {problem}")
+    if problem and FLAGS.export_text == "auto":
+        print(f"No {TEXT_SIGNATURE} signature: {problem}", file=sys.stderr)
+    with_text = FLAGS.export_text != "no" and problem is None
+    # Rows stop at the tokenizer's end-of-text id, as --mode=generate does.
+    eos = getattr(tokenizer, "eos_id", None)
     export_saved_model(
         pipeline.load_model(model_path),
         directory,
@@ -501,9 +516,31 @@ def _export(pipeline, model_path):
         max_pending=options["max_pending"],
         patience=options["patience"],
         threshold_decay=options["threshold_decay"],
-        stop_token_ids=stop,
+        stop_token_ids=() if eos is None else (int(eos),),
+        tokenizer=tokenizer if with_text else None,
     )
-    print(json.dumps({"saved_model": directory, "signatures": list(SIGNATURES)}))
+    signatures = list(SIGNATURES) + ([TEXT_SIGNATURE] if with_text else [])
+    print(json.dumps({"saved_model": directory, "signatures": signatures}))
+
+
+def _text_export_problem(tokenizer, tokenizer_dir) -> str | None:
+    """Why `tokenizer` cannot go into the graph here (`toex_tf.graph_text`), or None."""
+    from toex_tf.data.tokenizers import ByteTokenizer, SentencePieceTokenizer  # noqa: PLC0415
+
+    if tokenizer is None:
+        return f"no tokenizer in {tokenizer_dir}"
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        try:
+            import tensorflow_text  # noqa: F401, PLC0415
+        except Exception as error:  # noqa: BLE001  (a build for another TF fails to load ops)
+            return (
+                "SentencePiece in the graph needs tensorflow-text matching this TensorFlow "
+                f"(pip install 'toex-tf[text]'); importing it failed: {error}"
+            )
+        return None
+    if not isinstance(tokenizer, ByteTokenizer):
+        return f"{type(tokenizer).__name__} has no in-graph form"
+    return None
 
 
 def _generate(pipeline, flag_values):

@@ -2,13 +2,11 @@
 and in a fresh one without toex_tf; no XLA ops; bad input fails with a named error."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from serving_helpers import fresh_process, right_padded
 
 from toex_tf.export import (
     EXPORT_MODES,
@@ -24,13 +22,6 @@ from toex_tf.models import build_gpt, build_llama
 
 PROMPTS = [[5, 9, 2, 7, 11], [3, 8], [12, 4, 6]]
 THRESHOLDS = (0.0, 0.45)
-
-
-def _right_padded(prompts):
-    ids = np.zeros((len(prompts), max(map(len, prompts))), "int32")
-    for row, prompt in enumerate(prompts):
-        ids[row, : len(prompt)] = prompt
-    return ids, np.array([len(p) for p in prompts], "int32")
 
 
 def _gpt():
@@ -59,7 +50,7 @@ def _python_generate(model, prompt, new_tokens, mode, threshold, **kwargs):
 
 def test_export_generates_what_python_generates(gpt_export):
     model, _, loaded = gpt_export
-    ids, lengths = _right_padded(PROMPTS)
+    ids, lengths = right_padded(PROMPTS)
     adapter = DecoderAdapter.from_model(model)
     prompt, mask = pad_prompts(PROMPTS)  # a padded batch generates what each row does alone
     early = 0
@@ -90,7 +81,7 @@ def test_export_has_no_xla_ops_and_named_signatures(gpt_export):
 
 def test_score_equals_python_exit_logits_row_by_row(gpt_export):
     model, _, loaded = gpt_export
-    ids, lengths = _right_padded(PROMPTS)
+    ids, lengths = right_padded(PROMPTS)
     adapter = DecoderAdapter.from_model(model)
     early = 0
     for mode in EXPORT_MODES:
@@ -174,7 +165,7 @@ print("RESULT", json.dumps({
 def test_hub_load_in_a_fresh_process(gpt_export, tmp_path):
     model, directory, _ = gpt_export
     ids = [[5, 9, 2], [7, 3, 1]]
-    out = _fresh_process(HUB_PROCESS, tmp_path, directory, json.dumps(ids))
+    out = fresh_process(HUB_PROCESS, tmp_path, directory, json.dumps(ids))
     want = np.asarray(model(np.array(ids, "int32"))["exit_logits"][-1])
     np.testing.assert_allclose(np.array(out["logits"]), want, atol=1e-5)
     assert out["variables"] == len(model.variables)
@@ -214,26 +205,10 @@ print("RESULT", json.dumps(result))
 """
 
 
-def _fresh_process(script, cwd, *args):
-    """Runs `script` in a new Python (no PYTHONPATH); returns the JSON after `RESULT `."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run(
-        [sys.executable, "-c", script, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
-
-
 def test_fresh_process_without_toex_tf_generates_the_same_tokens(gpt_export, tmp_path):
     model, directory, loaded = gpt_export
-    ids, lengths = _right_padded(PROMPTS)
-    result = _fresh_process(
+    ids, lengths = right_padded(PROMPTS)
+    result = fresh_process(
         FRESH_PROCESS, tmp_path, directory, json.dumps(ids.tolist()), json.dumps(lengths.tolist())
     )
     tokens, exits = (np.array(a) for a in result)
@@ -295,7 +270,7 @@ def test_llama_with_exits_and_routers_exports(tmp_path):
     directory = export_saved_model(model, str(tmp_path / "llama"), criterion="learned")
     assert xla_ops(directory) == []
     loaded = tf.saved_model.load(directory)
-    ids, lengths = _right_padded(PROMPTS)
+    ids, lengths = right_padded(PROMPTS)
     adapter = DecoderAdapter.from_model(model)
     prompt, mask = pad_prompts(PROMPTS)
     for mode, threshold in (("full", 0.5), ("frozen", 0.0), ("lazy", 0.0), ("lazy", 0.5)):

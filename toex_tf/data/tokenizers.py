@@ -61,6 +61,18 @@ class Tokenizer(abc.ABC):
         """Returns `[self.encode(text) for text in texts]`; subclasses may batch faster."""
         return [self.encode(text) for text in texts]
 
+    def id_surfaces(self) -> list[bytes]:
+        """Each id's bytes as they read in decoded text after other text.
+
+        Entry `i` is what id `i` adds to `decode(ids)` when it is not the first id (no
+        leading-space stripping), before invalid UTF-8 is replaced; special ids give `b""`.
+        The in-graph decoder of `toex_tf.graph_text` is built from this table.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no per-id surface table; in-graph decoding supports "
+            "ByteTokenizer and SentencePieceTokenizer."
+        )
+
 
 def _write_manifest(directory: str, manifest: dict) -> str:
     os.makedirs(directory, exist_ok=True)
@@ -99,6 +111,9 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         byte_values = bytes(int(i) for i in ids if 0 <= int(i) < 256)
         return byte_values.decode("utf-8", errors="replace")
+
+    def id_surfaces(self) -> list[bytes]:
+        return [bytes([i]) for i in range(256)] + [b""]
 
     def save(self, directory: str) -> str:
         return _write_manifest(directory, {"type": "byte"})
@@ -296,6 +311,34 @@ class SentencePieceTokenizer(Tokenizer):
     def id_to_piece(self, token_id: int) -> str:
         """Returns the piece string of `token_id` (for inspecting a vocabulary)."""
         return self._processor.id_to_piece(int(token_id))
+
+    @property
+    def model_proto(self) -> bytes:
+        """The serialized SentencePiece model (the bytes of the `.model` file)."""
+        return self._model_proto
+
+    def id_surfaces(self) -> list[bytes]:
+        processor = self._processor
+        # The unknown piece decodes to the model's unk surface (" \u2047 " by default):
+        # read it off a decode after a plain piece, so no leading space is stripped.
+        plain = next(
+            i
+            for i in range(self.vocab_size)
+            if not (processor.is_control(i) or processor.is_unknown(i) or processor.is_byte(i))
+        )
+        before = processor.decode([plain])
+        surfaces = []
+        for i in range(self.vocab_size):
+            piece = processor.id_to_piece(i)
+            if processor.is_control(i):
+                surfaces.append(b"")
+            elif processor.is_byte(i):  # "<0xAB>"
+                surfaces.append(bytes([int(piece[3:5], 16)]))
+            elif processor.is_unknown(i):
+                surfaces.append(processor.decode([plain, i])[len(before) :].encode("utf-8"))
+            else:
+                surfaces.append(piece.replace("\u2581", " ").encode("utf-8"))
+        return surfaces
 
     def save(self, directory: str) -> str:
         os.makedirs(directory, exist_ok=True)
