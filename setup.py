@@ -35,6 +35,7 @@ setup(
         # tensorflow-text: the export's generate_text signature with SentencePiece.
         "test": [
             "pytest",
+            "pytest-xdist",  # the README's test command runs two workers
             "ruff",
             "jax",
             "torch",

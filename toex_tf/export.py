@@ -34,6 +34,7 @@ any layer). Cache writes are scatters, so the graph holds no `Xla*` op.
 """
 
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -340,8 +341,10 @@ def export_saved_model(
         archive.add_endpoint(TEXT_SIGNATURE, text_fn, input_signature=GENERATE_TEXT_SIGNATURE)
     _add_reusable_api(archive, model, logits_fn)
     _write_out(archive, directory)
+    tokenizer_dir = os.path.join(directory, TOKENIZER_SUBDIR)
+    shutil.rmtree(tokenizer_dir, ignore_errors=True)  # an earlier export's, now stale
     if tokenizer is not None:
-        tokenizer.save(os.path.join(directory, TOKENIZER_SUBDIR))
+        tokenizer.save(tokenizer_dir)
     return directory
 
 
