@@ -21,8 +21,9 @@ Signatures (the decode loops run in the graph, so TF Serving, `tf.saved_model.lo
   `threshold`, `mode` -> `text` string `(batch,)` (each row's continuation up to its
   first stop token, as it reads after the prompt), `token_ids` and `exit_layers` (as
   `generate`). Tokenization runs in the graph (`toex_tf.graph_text`): the byte tokenizer
-  with core ops; SentencePiece with tensorflow-text's op, so loading such an export
-  needs `import tensorflow_text` first.
+  with core ops; SentencePiece with tensorflow-text's custom op, so every process that
+  loads such an export needs `import tensorflow_text` first (`saved_model_cli run` and
+  a plain TF process cannot load it at all).
 
 The root object also meets TF-Hub's reusable SavedModel API: `__call__(inputs,
 training=False)` (the final logits, as `logits`), `variables`, `trainable_variables` and

@@ -161,7 +161,8 @@ flags.DEFINE_enum(
     "auto",
     ["auto", "yes", "no"],
     "--mode=export: add the text-in, text-out `generate_text` signature (in-graph tokenizer). "
-    "auto: yes for the byte tokenizer, and for SentencePiece when tensorflow-text is installed.",
+    "auto: only when core TF ops suffice (the byte tokenizer); yes: SentencePiece too, "
+    "through tensorflow-text's custom op, which every process that loads the export then needs.",
 )
 flags.DEFINE_integer("patience", 2, "patience criterion: agreeing exits needed.", 1)
 flags.DEFINE_float(
@@ -500,12 +501,9 @@ def _export(pipeline, model_path):
         from toex_tf.data import load_tokenizer  # noqa: PLC0415
 
         tokenizer = load_tokenizer(tokenizer_dir)
-    problem = _text_export_problem(tokenizer, tokenizer_dir)
-    if problem and FLAGS.export_text == "yes":
-        raise app.UsageError(f"--export_text=yes: {problem}")
-    if problem and FLAGS.export_text == "auto":
-        print(f"No {TEXT_SIGNATURE} signature: {problem}", file=sys.stderr)
-    with_text = FLAGS.export_text != "no" and problem is None
+    with_text, note = text_export_choice(tokenizer, FLAGS.export_text, tokenizer_dir)
+    if note:
+        print(f"No {TEXT_SIGNATURE} signature: {note}", file=sys.stderr)
     # Rows stop at the tokenizer's end-of-text id, as --mode=generate does.
     eos = getattr(tokenizer, "eos_id", None)
     export_saved_model(
@@ -523,24 +521,41 @@ def _export(pipeline, model_path):
     print(json.dumps({"saved_model": directory, "signatures": signatures}))
 
 
-def _text_export_problem(tokenizer, tokenizer_dir) -> str | None:
-    """Why `tokenizer` cannot go into the graph here (`toex_tf.graph_text`), or None."""
+def text_export_choice(tokenizer, export_text: str, tokenizer_dir: str = "OUTPUT_DIR/tokenizer"):
+    """`--export_text`: whether `generate_text` goes into the export, and why not (or None).
+
+    auto: only when core TF ops suffice (the byte tokenizer). SentencePiece is
+    tensorflow-text's custom op: clients without it (`saved_model_cli`, a plain TF
+    process) could not load the export at all, so it goes in only on `yes`.
+
+    Raises:
+        app.UsageError: `yes` when the tokenizer has no in-graph form here.
+    """
     from toex_tf.data.tokenizers import ByteTokenizer, SentencePieceTokenizer  # noqa: PLC0415
 
+    if export_text == "no":
+        return False, None
+    problem = None
     if tokenizer is None:
-        return f"no tokenizer in {tokenizer_dir}"
-    if isinstance(tokenizer, SentencePieceTokenizer):
+        problem = f"no tokenizer in {tokenizer_dir}"
+    elif isinstance(tokenizer, SentencePieceTokenizer):
         try:
             import tensorflow_text  # noqa: F401, PLC0415
         except Exception as error:  # noqa: BLE001  (a build for another TF fails to load ops)
-            return (
+            problem = (
                 "SentencePiece in the graph needs tensorflow-text matching this TensorFlow "
                 f"(pip install 'toex-tf[text]'); importing it failed: {error}"
             )
-        return None
-    if not isinstance(tokenizer, ByteTokenizer):
-        return f"{type(tokenizer).__name__} has no in-graph form"
-    return None
+    elif not isinstance(tokenizer, ByteTokenizer):
+        problem = f"{type(tokenizer).__name__} has no in-graph form"
+    if problem and export_text == "yes":
+        raise app.UsageError(f"--export_text=yes: {problem}")
+    if problem is None and export_text == "auto" and not isinstance(tokenizer, ByteTokenizer):
+        problem = (
+            "SentencePiece in the graph is tensorflow-text's custom op, which every client "
+            "that loads the export then needs; --export_text=yes adds it"
+        )
+    return problem is None, problem
 
 
 def _generate(pipeline, flag_values):

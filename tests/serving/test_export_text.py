@@ -282,3 +282,22 @@ def test_fresh_process_without_toex_tf_generates_the_same_text(text_exports, tmp
         want, _, _ = generate_text_with_export(text_exports[name][3], PROMPTS, 10, 0.45, "lazy")
         assert texts == want
         assert any(texts)
+
+
+def test_cli_export_text_choice(tokenizers):
+    from absl import app  # noqa: PLC0415
+
+    from toex_tf.run import text_export_choice  # noqa: PLC0415
+
+    byte, sentencepiece = tokenizers["byte"], tokenizers["ours"]
+    assert text_export_choice(byte, "auto") == (True, None)
+    assert text_export_choice(byte, "no") == (False, None)
+    # SentencePiece is a custom op every client would need: only on request.
+    with_text, why = text_export_choice(sentencepiece, "auto")
+    assert not with_text and "--export_text=yes" in why
+    assert text_export_choice(sentencepiece, "yes") == (True, None)
+    assert text_export_choice(None, "auto")[0] is False
+    with pytest.raises(app.UsageError, match="no tokenizer in"):
+        text_export_choice(None, "yes")
+    with pytest.raises(app.UsageError, match="_NoGraphForm has no in-graph form"):
+        text_export_choice(_NoGraphForm(), "yes")
