@@ -197,9 +197,22 @@ def _generate_text_function(generate_endpoint, graph_tokenizer, stop_token_ids):
             ],
         )
         ids = graph_tokenizer.encode(prompt)
+        lengths = tf.cast(ids.row_lengths(), tf.int32)
+        lengths = _checked(
+            lengths,
+            [
+                tf.debugging.assert_greater(
+                    tf.size(prompt), 0, message="prompt is empty: give at least one prompt"
+                ),
+                tf.debugging.Assert(
+                    tf.reduce_all(lengths > 0),
+                    ["every prompt must encode to at least one token; token counts:", lengths],
+                ),
+            ],
+        )
         out = generate_endpoint(
             token_ids=ids.to_tensor(0),
-            lengths=tf.cast(ids.row_lengths(), tf.int32),
+            lengths=lengths,
             max_new_tokens=max_new_tokens,
             threshold=threshold,
             mode=mode,
@@ -343,9 +356,13 @@ def export_saved_model(
     _add_reusable_api(archive, model, logits_fn)
     _write_out(archive, directory)
     tokenizer_dir = os.path.join(directory, TOKENIZER_SUBDIR)
+    if tokenizer is not None:
+        # Written aside first: the tokenizer may have been loaded from this very copy.
+        shutil.rmtree(tokenizer_dir + ".new", ignore_errors=True)
+        tokenizer.save(tokenizer_dir + ".new")
     shutil.rmtree(tokenizer_dir, ignore_errors=True)  # an earlier export's, now stale
     if tokenizer is not None:
-        tokenizer.save(tokenizer_dir)
+        os.replace(tokenizer_dir + ".new", tokenizer_dir)
     return directory
 
 

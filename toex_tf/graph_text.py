@@ -11,7 +11,8 @@ TF ops, for the `generate_text` signature of `toex_tf.export`:
   by the tokenizer itself (`Tokenizer.id_surfaces`). The bytes are joined, then invalid
   UTF-8 is replaced the way each tokenizer does it in Python: the byte tokenizer
   (`bytes.decode(errors="replace")`) puts one U+FFFD per maximal invalid subpart;
-  SentencePiece puts one per invalid byte. tensorflow-text's own `detokenize` is not
+  SentencePiece puts one per invalid byte, and a control piece (eos, bos) between byte
+  pieces keeps their bytes apart. tensorflow-text's own `detokenize` is not
   used: it strips leading spaces differently from the `sentencepiece` package.
 
 `decode` gives a continuation's text as it reads after the prompt, without SentencePiece's
@@ -72,6 +73,11 @@ class GraphTokenizer(tf.Module):
         self.vocab_size = tokenizer.vocab_size
         self.eos_id = tokenizer.eos_id
         self._surfaces = tf.constant(surfaces, tf.string)
+        if self.kind == "sentencepiece":
+            breaks = [False] * len(surfaces)
+            for i in tokenizer.control_ids():
+                breaks[i] = True
+            self._breaks = tf.constant(breaks, tf.bool)
 
     def encode(self, texts):
         """`texts` string `(batch,)` -> int32 ids, a `tf.RaggedTensor` `(batch, None)`."""
@@ -90,12 +96,25 @@ class GraphTokenizer(tf.Module):
         pieces = tf.gather(self._surfaces, ids)
         if keep is not None:
             pieces = tf.where(keep, pieces, "")
-        joined = tf.strings.reduce_join(pieces, axis=-1)
         if self.kind == "byte":
+            joined = tf.strings.reduce_join(pieces, axis=-1)
             return tf.strings.unicode_transcode(
                 joined, "UTF-8", "UTF-8", errors="replace", replacement_char=_REPLACEMENT
             )
-        return tf.map_fn(_replace_per_byte, joined, fn_output_signature=tf.string)
+        # SentencePiece decodes each run of byte pieces on its own, and a control piece
+        # ends a run: join each row's pieces in segments that start at control pieces,
+        # replace invalid UTF-8 per segment, then join the segments.
+        breaks = tf.gather(self._breaks, ids)
+        if keep is not None:
+            breaks = tf.logical_and(breaks, keep)
+        batch, width = tf.shape(ids)[0], tf.shape(ids)[1]
+        segments = tf.cumsum(tf.cast(breaks, tf.int32), axis=1)
+        segments += tf.range(batch)[:, None] * (width + 1)
+        joined = tf.strings.unsorted_segment_join(
+            tf.reshape(pieces, [-1]), tf.reshape(segments, [-1]), batch * (width + 1)
+        )
+        repaired = tf.map_fn(_replace_per_byte, joined, fn_output_signature=tf.string)
+        return tf.strings.reduce_join(tf.reshape(repaired, [batch, width + 1]), axis=1)
 
 
 def valid_utf8(texts):

@@ -3,6 +3,7 @@
 fresh process without toex_tf."""
 
 import json
+import os
 import random
 
 import keras
@@ -92,17 +93,32 @@ def _random_rows(tokenizer, rng, rows=400):
     return out
 
 
+def _edge_rows(tokenizer):
+    """Byte pieces split by a control piece (SentencePiece keeps their bytes apart, so
+    E6 | eos | 97 A5 is not one character) and ids past the tokenizer's vocabulary."""
+    vocab = tokenizer.vocab_size
+    past = [vocab, vocab + 3]  # the model's vocabulary may be larger: they decode to nothing
+    if isinstance(tokenizer, ByteTokenizer):
+        return [[0xE6, 0x97, 0xA5], [0xE6, past[0], 0x97, 0xA5], [0xE6, 256, 0x97, 0xA5]]
+    piece = {tokenizer.id_to_piece(i): i for i in range(vocab)}
+    e6, x97, a5 = piece["<0xE6>"], piece["<0x97>"], piece["<0xA5>"]
+    rows = [[e6, x97, a5], [e6, past[1], x97, a5]]
+    rows += [[e6, control, x97, a5] for control in tokenizer.control_ids()]
+    return rows
+
+
 @pytest.mark.parametrize("name", ["byte", "ours", "llama"])
 def test_in_graph_decode_equals_python_after_a_prompt(tokenizers, name):
     tokenizer = tokenizers[name]
-    rows = _random_rows(tokenizer, np.random.default_rng(0))
+    rows = _random_rows(tokenizer, np.random.default_rng(0)) + _edge_rows(tokenizer)
     width = max(map(len, rows))
     ids = np.zeros((len(rows), width), "int32")
     keep = np.zeros((len(rows), width), bool)
     for r, row in enumerate(rows):
         ids[r, : len(row)], keep[r, : len(row)] = row, True
     ids[~keep] = tokenizer.encode("Z")[0]  # dropped by `keep`, so never decoded
-    texts = GraphTokenizer(tokenizer).decode(tf.constant(ids), tf.constant(keep)).numpy()
+    graph = GraphTokenizer(tokenizer, vocab_size=tokenizer.vocab_size + 5)
+    texts = graph.decode(tf.constant(ids), tf.constant(keep)).numpy()
     prompt = tokenizer.encode("Say")
     invalid = 0
     for row, text in zip(rows, texts):
@@ -244,6 +260,7 @@ def test_text_export_signatures_tokenizer_copy_and_no_xla(tokenizers, text_expor
     "change, message",
     [
         (dict(prompts=["ok", ""]), "every prompt must be non-empty text"),
+        (dict(prompts=[]), "prompt is empty: give at least one prompt"),
         (dict(prompts=[b"ok\xff"]), "every prompt must be valid UTF-8"),
         (dict(prompts=["x" * 46]), "exceeds max_length=48"),
         (dict(max_new_tokens=0), "max_new_tokens must be > 0"),
@@ -301,3 +318,15 @@ def test_cli_export_text_choice(tokenizers):
         text_export_choice(None, "yes")
     with pytest.raises(app.UsageError, match="_NoGraphForm has no in-graph form"):
         text_export_choice(_NoGraphForm(), "yes")
+
+
+def test_re_export_from_the_exports_own_tokenizer_copy(tokenizers, tmp_path):
+    tokenizer = tokenizers["ours"]
+    model = build_gpt("tiny", num_layers=1, max_length=16, vocab_size=tokenizer.vocab_size)
+    directory = str(tmp_path / "export")
+    export_saved_model(model, directory, tokenizer=tokenizer)
+    copy = f"{directory}/{TOKENIZER_SUBDIR}"
+    export_saved_model(model, directory, tokenizer=copy)  # reads the copy it replaces
+    assert load_tokenizer(copy).encode(TEXTS[4]) == tokenizer.encode(TEXTS[4])
+    export_saved_model(model, directory)  # no tokenizer now: no stale copy either
+    assert not os.path.exists(copy)

@@ -317,6 +317,11 @@ class SentencePieceTokenizer(Tokenizer):
         """The serialized SentencePiece model (the bytes of the `.model` file)."""
         return self._model_proto
 
+    def control_ids(self) -> list[int]:
+        """Ids of control pieces (eos, bos, ...): they decode to nothing, and they end a run
+        of byte pieces (bytes on either side never join into one character)."""
+        return [i for i in range(self.vocab_size) if self._processor.is_control(i)]
+
     def id_surfaces(self) -> list[bytes]:
         processor = self._processor
         # The unknown piece decodes to the model's unk surface (" \u2047 " by default):
