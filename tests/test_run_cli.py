@@ -441,41 +441,36 @@ def test_export_then_saved_model_cli_show_and_run(trained_tiny, tmp_path):
     )
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert "signature_def['generate']" in shown.stdout and "max_new_tokens" in shown.stdout
-    ran = subprocess.run(
-        [
-            cli, "run", "--dir", str(export_dir), "--tag_set", "serve",
-            "--signature_def", "generate", "--input_exprs",
-            "token_ids=[[5,6,7]];lengths=[3];max_new_tokens=4;threshold=0.5;mode='frozen'",
-        ],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert ran.returncode == 0, ran.stderr[-2000:]
+
+    def saved_model_cli_run(signature, input_exprs):
+        ran = subprocess.run(
+            [
+                cli, "run", "--dir", str(export_dir), "--tag_set", "serve",
+                "--signature_def", signature, "--input_exprs", input_exprs,
+            ],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert ran.returncode == 0, ran.stderr[-2000:]
+        return ran
+
+    ran = saved_model_cli_run(
+        "generate", "token_ids=[[5,6,7]];lengths=[3];max_new_tokens=4;threshold=0.5;mode='frozen'"
+    )
     import tensorflow as tf  # noqa: PLC0415
 
-    from toex_tf.export import generate_with_export  # noqa: PLC0415
+    from toex_tf.export import generate_text_with_export, generate_with_export  # noqa: PLC0415
 
-    tokens, exits = generate_with_export(
-        tf.saved_model.load(str(export_dir)), [[5, 6, 7]], [3], 4, 0.5, "frozen"
-    )
+    loaded = tf.saved_model.load(str(export_dir))
+    tokens, exits = generate_with_export(loaded, [[5, 6, 7]], [3], 4, 0.5, "frozen")
     printed = ran.stdout.replace("\n", " ")
     for name, values in (("token_ids", tokens), ("exit_layers", exits)):
         row = r"\s+".join(str(v) for v in values[0])
         assert re.search(rf"{name}.*\[\[\s*{row}\s*\]\]", printed), (name, row, printed[-800:])
     # Text in, text out, through the same command-line client.
-    ran = subprocess.run(
-        [
-            cli, "run", "--dir", str(export_dir), "--tag_set", "serve",
-            "--signature_def", "generate_text", "--input_exprs",
-            "prompt=['The ', 'Once'];max_new_tokens=6;threshold=0.5;mode='lazy'",
-        ],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert ran.returncode == 0, ran.stderr[-2000:]
-    from toex_tf.export import generate_text_with_export  # noqa: PLC0415
-
-    texts, _, _ = generate_text_with_export(
-        tf.saved_model.load(str(export_dir)), ["The ", "Once"], 6, 0.5, "lazy"
+    ran = saved_model_cli_run(
+        "generate_text", "prompt=['The ', 'Once'];max_new_tokens=6;threshold=0.5;mode='lazy'"
     )
+    texts, _, _ = generate_text_with_export(loaded, ["The ", "Once"], 6, 0.5, "lazy")
     assert any(texts)
     for text in texts:  # saved_model_cli prints the string tensor's bytes
         assert repr(text.encode()) in ran.stdout, (text, ran.stdout[-800:])

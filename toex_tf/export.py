@@ -42,6 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 from toex_tf.data.tokenizers import Tokenizer, load_tokenizer
+from toex_tf.graph_text import GraphTokenizer, valid_utf8
 from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy, generate
 from toex_tf.inference.quality import exit_logits
 
@@ -182,8 +183,6 @@ def _generate_text_function(generate_endpoint, graph_tokenizer, stop_token_ids):
     stop_ids = tf.constant(list(stop_token_ids) or [-1], tf.int32)
 
     def generate_text_signature(prompt, max_new_tokens, threshold, mode):
-        from toex_tf.graph_text import valid_utf8  # noqa: PLC0415
-
         prompt = _checked(
             prompt,
             [
@@ -311,8 +310,6 @@ def export_saved_model(
     adapter = DecoderAdapter.from_model(model, **kwargs)
     graph_tokenizer = None
     if tokenizer is not None:
-        from toex_tf.graph_text import GraphTokenizer  # noqa: PLC0415
-
         if isinstance(tokenizer, str):
             tokenizer = load_tokenizer(tokenizer)
         if tokenizer.vocab_size > adapter.vocab_size:

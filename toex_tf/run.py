@@ -535,10 +535,18 @@ def text_export_choice(tokenizer, export_text: str, tokenizer_dir: str = "OUTPUT
 
     if export_text == "no":
         return False, None
-    problem = None
+    if isinstance(tokenizer, ByteTokenizer):
+        return True, None
     if tokenizer is None:
         problem = f"no tokenizer in {tokenizer_dir}"
-    elif isinstance(tokenizer, SentencePieceTokenizer):
+    elif not isinstance(tokenizer, SentencePieceTokenizer):
+        problem = f"{type(tokenizer).__name__} has no in-graph form"
+    elif export_text == "auto":
+        return False, (
+            "SentencePiece in the graph is tensorflow-text's custom op, which every client "
+            "that loads the export then needs; --export_text=yes adds it"
+        )
+    else:
         try:
             import tensorflow_text  # noqa: F401, PLC0415
         except Exception as error:  # noqa: BLE001  (a build for another TF fails to load ops)
@@ -546,16 +554,11 @@ def text_export_choice(tokenizer, export_text: str, tokenizer_dir: str = "OUTPUT
                 "SentencePiece in the graph needs tensorflow-text matching this TensorFlow "
                 f"(pip install 'toex-tf[text]'); importing it failed: {error}"
             )
-    elif not isinstance(tokenizer, ByteTokenizer):
-        problem = f"{type(tokenizer).__name__} has no in-graph form"
-    if problem and export_text == "yes":
+        else:
+            return True, None
+    if export_text == "yes":
         raise app.UsageError(f"--export_text=yes: {problem}")
-    if problem is None and export_text == "auto" and not isinstance(tokenizer, ByteTokenizer):
-        problem = (
-            "SentencePiece in the graph is tensorflow-text's custom op, which every client "
-            "that loads the export then needs; --export_text=yes adds it"
-        )
-    return problem is None, problem
+    return False, problem
 
 
 def _generate(pipeline, flag_values):
