@@ -22,6 +22,7 @@ import numpy as np
 
 from toex_tf.config import llama_preset
 from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy
+from toex_tf.inference.tf_threads import use_core_parallel_decoding
 from toex_tf.inference.timing import compile_generate, device_name, time_run
 from toex_tf.models import build_llama
 
@@ -107,7 +108,15 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="cpu_decode_breakdown.json")
+    parser.add_argument(
+        "--core_parallel",
+        action="store_true",
+        help="one thread per op, row-split products (toex_tf.inference.tf_threads)",
+    )
     args = parser.parse_args()
+    threading = "default"
+    if args.core_parallel:
+        threading = f"core_parallel x{use_core_parallel_decoding()}"
     prompt = np.random.default_rng(0).integers(0, 32000, (1, 16)).astype("int32")
     n = args.new_tokens
 
@@ -131,6 +140,7 @@ def main():
         "new_tokens": n,
         "repeats": args.repeats,
         "device": device_name(),
+        "threading": threading,
         "ours": row,
         "ours_width64_overhead_step_ms": overhead,
         "transformers": {"version": version, **hf},

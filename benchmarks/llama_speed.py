@@ -12,6 +12,9 @@ The realized routed share and average exit layer of each run are measured and re
 full-depth figure is timed alternately with it; the HF row times
 `LlamaForCausalLM.generate` (greedy, KV cache, torch on CPU) on the same config. With
 `--model_path` a trained `.keras` model is timed instead (its own routers and gates).
+`--core_parallel` (TensorFlow on CPU) decodes with one thread per op, the inter-op
+threads running independent ops side by side and every large product split in row blocks
+(`toex_tf.inference.tf_threads`); the JSON records the threading used.
 """
 
 import argparse
@@ -23,6 +26,7 @@ import keras
 import numpy as np
 
 from toex_tf.inference.llama_timing import LlamaCost, measure_llama_speed
+from toex_tf.inference.tf_threads import use_core_parallel_decoding
 from toex_tf.inference.timing import device_name
 from toex_tf.models import build_llama
 
@@ -91,9 +95,17 @@ def main():
         help="bisect router and gate thresholds on eager decodes of the prompt until the "
         "decode's routed share and exit depth are near the targets",
     )
+    parser.add_argument(
+        "--core_parallel",
+        action="store_true",
+        help="TensorFlow CPU: one thread per op, row-split products (tf_threads)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="llama_speed.json")
     args = parser.parse_args()
+    threading = "default"
+    if args.core_parallel:
+        threading = f"core_parallel x{use_core_parallel_decoding()}"
 
     start = time.perf_counter()
     if args.model_path:
@@ -133,6 +145,7 @@ def main():
         "match_on_decode": args.match_on_decode,
         "ffn_share_of_layer": LlamaCost.for_llama(model, args.prompt_length).ffn_share(),
         "device": device_name(),
+        "threading": threading,
         "rows": rows,
     }
     if args.hf:

@@ -168,6 +168,9 @@ class LlamaConfig:
     # Projection kernels stored (out, in), as in HF checkpoints: 11% faster batch-1
     # decoding with TensorFlow on CPU (`toex_tf.layers.Linear`). "in_out": keras Dense.
     kernel_layout: str = "out_in"
+    # One (q; k; v) projection per layer instead of three (`CausalSelfAttention`); HF's
+    # q_proj/k_proj/v_proj load into its row blocks.
+    fused_qkv: bool = True
 
     def __post_init__(self):
         for name in (
@@ -205,6 +208,8 @@ class LlamaConfig:
         self.exit_layers = resolve_exit_layers(self.exit_layers, self.num_layers)
         if self.output_embedding_mode == "shortlist":
             self.shortlist_size = min(self.shortlist_size, self.vocab_size)
+        if not isinstance(self.fused_qkv, bool):
+            raise ValueError(f"fused_qkv must be a bool; got {self.fused_qkv!r}.")
         if self.kernel_layout not in ("in_out", "out_in"):
             raise ValueError(
                 f"kernel_layout must be 'in_out' or 'out_in'; got {self.kernel_layout!r}."

@@ -123,6 +123,13 @@ flags.DEFINE_integer("checkpoint_every", 100, "Save a checkpoint every N steps."
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"], "tf.distribute.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_bool("jit_compile", True, "Compile the training step with XLA.")
+flags.DEFINE_bool(
+    "core_parallel",
+    False,
+    "TensorFlow on CPU: one thread per op, independent ops side by side and large products "
+    "split in row blocks (toex_tf.inference.tf_threads): faster batch-1 decoding; an export "
+    "keeps the splits.",
+)
 
 flags.DEFINE_list("criteria", list(CRITERIA), f"Exit criteria to sweep: {CRITERIA}.")
 flags.DEFINE_list(
@@ -348,6 +355,10 @@ def _main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.output_dir:
         raise app.UsageError("--output_dir is required.")
+    if FLAGS.core_parallel:  # before TensorFlow runs its first op
+        from toex_tf.inference.tf_threads import use_core_parallel_decoding  # noqa: PLC0415
+
+        use_core_parallel_decoding()
     from toex_tf import tf_jobs as pipeline  # noqa: PLC0415 - TensorFlow after flag checks
 
     overrides, data, train, evaluation = _configs()

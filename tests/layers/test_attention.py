@@ -155,3 +155,43 @@ def test_supporting_layer_roundtrips(tmp_path):
     assert_roundtrip(TransformerBlock(2, 8, 32, capacity=0.5), X, tmp_path, atol=1e-6)
     assert_roundtrip(RMSNorm(1e-5), X, tmp_path)
     assert_roundtrip(PositionEmbedding(16), X, tmp_path)
+
+
+@pytest.mark.parametrize("kernel_layout", ["in_out", "out_in"])
+def test_fused_qkv_equals_three_projections(kernel_layout, tmp_path):
+    """One (q; k; v) kernel gives what the three projections give: forward, cached
+    decoding and the key/value-only projection of the frozen exit mode (biases too)."""
+    options = dict(num_heads=4, head_dim=4, num_kv_heads=2, rope_theta=10000.0)
+    options.update(kernel_layout=kernel_layout, use_bias=True)
+    three = CausalSelfAttention(**options)
+    fused = CausalSelfAttention(fused_qkv=True, **options)
+    three.build(X.shape)
+    fused.build(X.shape)
+    assert fused.query_dense is None and three.qkv_dense is None
+    axis = 0 if kernel_layout == "out_in" else 1  # the output units of the kernel
+    rng = np.random.default_rng(3)
+    projections = (three.query_dense, three.key_dense, three.value_dense)
+    for dense in projections:
+        dense.bias.assign(rng.normal(size=dense.bias.shape).astype("float32"))
+    fused.qkv_dense.kernel.assign(
+        np.concatenate([np.asarray(d.kernel) for d in projections], axis=axis)
+    )
+    fused.qkv_dense.bias.assign(np.concatenate([np.asarray(d.bias) for d in projections]))
+    fused.output_dense.set_weights(three.output_dense.get_weights())
+    np.testing.assert_allclose(np.asarray(fused(X)), np.asarray(three(X)), atol=1e-5)
+    for start in (0, 3):
+        for got, want in zip(
+            fused.project_kv(X[:, :4], start_index=start),
+            three.project_kv(X[:, :4], start_index=start),
+            strict=True,
+        ):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    caches = [np.zeros((2, 2, 2, 10, 4), "float32")] * 2
+    for t in range(4):
+        outs = []
+        for index, layer in enumerate((three, fused)):
+            out, caches[index] = layer(X[:, t : t + 1], cache=caches[index], cache_update_index=t)
+            outs.append(np.asarray(out))
+        np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(caches[1]), np.asarray(caches[0]), atol=1e-5)
+    assert_roundtrip(fused, X, tmp_path)

@@ -79,10 +79,29 @@ def test_llama_saved_before_kernel_layout_loads_with_dense_kernels():
     model = build_llama("llama-tiny")
     assert model.llama_config.kernel_layout == "out_in"
     config = model.get_config()
-    del config["kernel_layout"]  # a config written by an earlier version
+    del config["kernel_layout"], config["fused_qkv"]  # a config written by an earlier version
     old = HierarchicalLlama.from_config(config)
     assert old.llama_config.kernel_layout == "in_out"
+    assert not old.llama_config.fused_qkv
     assert isinstance(old.blocks[0].block.self_attention.query_dense, keras.layers.Dense)
+
+
+def test_llama_saved_before_fused_qkv_loads_with_three_projections(tmp_path):
+    model = build_llama("llama-tiny")
+    assert model.llama_config.fused_qkv
+    config = model.get_config()
+    del config["fused_qkv"]  # written after kernel_layout, before fused_qkv
+    old = HierarchicalLlama.from_config(config)
+    attention = old.blocks[0].block.self_attention
+    assert not old.llama_config.fused_qkv and attention.qkv_dense is None
+    assert isinstance(attention.query_dense, Linear)
+    path = str(tmp_path / "old.keras")
+    old.save(path)
+    again = keras.saving.load_model(path)
+    tokens = RNG.integers(0, 256, size=(2, 5)).astype("int32")
+    np.testing.assert_array_equal(
+        np.asarray(again(tokens)["logits"]), np.asarray(old(tokens)["logits"])
+    )
 
 
 def test_hf_weights_load_into_either_kernel_layout(tmp_path):
@@ -98,3 +117,57 @@ def test_hf_weights_load_into_either_kernel_layout(tmp_path):
         np.asarray(dense(tokens)), np.asarray(source(tokens)), atol=1e-5, rtol=1e-5
     )
     assert not np.allclose(np.asarray(dense(tokens)), np.asarray(dense(tokens[:, ::-1])))
+
+
+@pytest.fixture
+def linear_module(monkeypatch):
+    """`toex_tf.layers.linear` with tiny kernels splittable; row splits reset after."""
+    import toex_tf.layers.linear as module
+
+    monkeypatch.setattr(module, "MIN_ROWS_PER_PART", 2)
+    yield module
+    module.set_row_splits(1)
+
+
+def _products(layer, shape):
+    """The matrix-product ops in the traced graph of `layer` on `shape`."""
+    import tensorflow as tf
+
+    graph = tf.function(layer).get_concrete_function(tf.TensorSpec(shape, "float32")).graph
+    return [op for op in graph.get_operations() if op.type in ("MatMul", "BatchMatMulV2", "Einsum")]
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("shape", [(1, 1, 8), (2, 5, 8)])
+def test_row_splits_run_blocks_that_give_the_same_products(linear_module, parts, shape):
+    inputs = RNG.normal(size=shape).astype("float32")
+    layer = Linear(7, bias_initializer="random_normal")
+    whole = np.asarray(layer(inputs))
+    assert len(_products(layer, shape)) == 1
+    linear_module.set_row_splits(parts)
+    assert linear_module.get_row_splits() == parts
+    np.testing.assert_allclose(np.asarray(layer(inputs)), whole, rtol=1e-6, atol=1e-6)
+    assert len(_products(layer, shape)) == parts
+    # Kept whole: a layer built with row_split=False, and kernels below the row minimum.
+    kept = Linear(7, row_split=False)
+    assert len(_products(kept, shape)) == 1
+    assert Linear.from_config(kept.get_config()).row_split is False
+    linear_module.MIN_ROWS_PER_PART = 4
+    assert len(_products(Linear(7), shape)) == 1
+
+
+def test_swiglu_gate_and_up_are_never_split(linear_module):
+    ffn = FeedForward(intermediate_dim=8, activation="swiglu", kernel_layout="out_in")
+    ffn.build((1, 1, 4))
+    assert not ffn.gate_dense.row_split and not ffn.up_dense.row_split
+    assert ffn.down_dense.row_split
+    linear_module.set_row_splits(2)
+    assert len(_products(ffn, (1, 1, 4))) == 4  # gate, up, and down in two blocks
+
+
+@pytest.mark.parametrize("parts", [0, -1, 1.5, True, "2"])
+def test_bad_row_splits_are_named(parts):
+    from toex_tf.layers.linear import set_row_splits
+
+    with pytest.raises(ValueError, match="row splits must be an int >= 1"):
+        set_row_splits(parts)

@@ -116,9 +116,17 @@ def test_untampered_copy_loads(ckpt, source):
     """The baseline every error test departs from: the copy loads, weights in place."""
     model = load_llama(str(ckpt))
     tensors = _tensors(source)
+    config = model.llama_config
+    query_width, kv_width = (
+        heads * config.head_dim for heads in (config.num_heads, config.num_kv_heads)
+    )
+    fused = np.asarray(model.blocks[1].block.self_attention.qkv_dense.kernel)
+    np.testing.assert_array_equal(  # Linear: (out, in) as in HF; q, k, v row blocks
+        fused[query_width : query_width + kv_width],
+        tensors["model.layers.1.self_attn.k_proj.weight"],
+    )
     np.testing.assert_array_equal(
-        np.asarray(model.blocks[1].block.self_attention.key_dense.kernel),
-        tensors["model.layers.1.self_attn.k_proj.weight"],  # Linear: (out, in) as in HF
+        fused[query_width + kv_width :], tensors["model.layers.1.self_attn.v_proj.weight"]
     )
     np.testing.assert_array_equal(
         np.asarray(model.blocks[-1].exit_norm.scale), tensors["model.norm.weight"]

@@ -178,3 +178,29 @@ def test_gumbel_gate_samples_are_hard_with_a_straight_through_gradient():
     np.testing.assert_array_equal(hard, (np.asarray(gate(hidden)) > 0.5).astype("float32"))
     with pytest.raises(ValueError, match="backward_temperature must be > 0"):
         GumbelExitGate(backward_temperature=0.0)
+
+
+def test_row_splits_keep_decoding_exact(monkeypatch):
+    """Every product split in row blocks (`set_row_splits`): the same logits and tokens
+    in full, frozen and lazy decoding as unsplit (fused qkv, routers and exits on)."""
+    import toex_tf.layers.linear as linear_module
+
+    model = _model()
+    _calibrate(model, 0.5)
+    adapter = DecoderAdapter.from_llama(model)
+    prompt = TOKENS[:, :4]
+    policies = [ExitPolicy("full")] + [ExitPolicy(m, "learned", 0.5) for m in ("frozen", "lazy")]
+    whole = [generate(adapter, prompt, 10, policy) for policy in policies]
+    caches = adapter.empty_caches(2)
+    whole_logits, _ = prefill(adapter, TOKENS[:, :6], caches)
+    monkeypatch.setattr(linear_module, "MIN_ROWS_PER_PART", 2)
+    linear_module.set_row_splits(3)
+    try:
+        split_logits, _ = prefill(adapter, TOKENS[:, :6], adapter.empty_caches(2))
+        split = [generate(adapter, prompt, 10, policy) for policy in policies]
+    finally:
+        linear_module.set_row_splits(1)
+    np.testing.assert_allclose(np.asarray(split_logits), np.asarray(whole_logits), atol=1e-5)
+    for (tokens, exits), (want_tokens, want_exits) in zip(split, whole, strict=True):
+        np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want_tokens))
+        np.testing.assert_array_equal(np.asarray(exits), np.asarray(want_exits))

@@ -4,7 +4,12 @@ import keras
 from keras import ops
 
 from toex_tf.layers.attention_ops import causal_mask, multi_head_attention
-from toex_tf.layers.layer_utils import built_dense, check_kernel_layout, get_initializer
+from toex_tf.layers.layer_utils import (
+    built_dense,
+    check_kernel_layout,
+    dense_part,
+    get_initializer,
+)
 from toex_tf.layers.rotary_embedding import RotaryEmbedding
 
 
@@ -68,6 +73,12 @@ class CausalSelfAttention(keras.layers.Layer):
         kernel_layout: str, `"in_out"` (`keras.layers.Dense`) or `"out_in"` (`Linear`:
             kernels stored `(out, in)`, Hugging Face's layout and the faster one for
             batch-1 decoding with TensorFlow on CPU). Defaults to `"in_out"`.
+        fused_qkv: bool, one projection `qkv` whose outputs are the queries, keys and
+            values in that order (the rows of HF's `q_proj`, `k_proj`, `v_proj` stacked)
+            instead of three. One product instead of three of unequal sizes: on
+            TensorFlow's CPU kernels with row splits (`toex_tf.layers.linear`) its two
+            halves keep both cores busy, and RoPE runs once over queries and keys.
+            Defaults to `False`.
         **kwargs: base `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -97,6 +108,7 @@ class CausalSelfAttention(keras.layers.Layer):
         dropout: float = 0.0,
         kernel_initializer="normal",
         kernel_layout: str = "in_out",
+        fused_qkv: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -111,13 +123,18 @@ class CausalSelfAttention(keras.layers.Layer):
         self.dropout = dropout
         self.kernel_initializer = get_initializer(kernel_initializer)
         self.kernel_layout = check_kernel_layout(kernel_layout)
+        self.fused_qkv = bool(fused_qkv)
 
     def build(self, input_shape):
         query_width = self.num_heads * self.head_dim
         kv_width = self.num_kv_heads * self.head_dim
-        self.query_dense = built_dense(self, query_width, "query", input_shape)
-        self.key_dense = built_dense(self, kv_width, "key", input_shape)
-        self.value_dense = built_dense(self, kv_width, "value", input_shape)
+        self.qkv_dense = self.query_dense = self.key_dense = self.value_dense = None
+        if self.fused_qkv:
+            self.qkv_dense = built_dense(self, query_width + 2 * kv_width, "qkv", input_shape)
+        else:
+            self.query_dense = built_dense(self, query_width, "query", input_shape)
+            self.key_dense = built_dense(self, kv_width, "key", input_shape)
+            self.value_dense = built_dense(self, kv_width, "value", input_shape)
         self.output_dense = built_dense(
             self, input_shape[-1], "attention_output", tuple(input_shape[:-1]) + (query_width,)
         )
@@ -127,24 +144,49 @@ class CausalSelfAttention(keras.layers.Layer):
         self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
 
     def project_kv(self, inputs, start_index=0):
-        """Keys and values `(batch, seq, kv_heads, head_dim)` for `inputs`, RoPE applied."""
+        """Keys and values `(batch, seq, kv_heads, head_dim)` for `inputs`, RoPE applied.
+
+        Only the key and value products run (with `fused_qkv`, the kernel's key/value
+        part): the frozen exit mode calls this for the layers a token skipped.
+        """
         batch, seq = ops.shape(inputs)[0], ops.shape(inputs)[1]
         shape = (batch, seq, self.num_kv_heads, self.head_dim)
-        key = ops.reshape(self.key_dense(inputs), shape)
-        value = ops.reshape(self.value_dense(inputs), shape)
+        if self.fused_qkv:
+            query_width = self.num_heads * self.head_dim
+            both = dense_part(self.qkv_dense, inputs, query_width, None)
+            key, value = ops.split(both, 2, axis=-1)
+        else:
+            key, value = self.key_dense(inputs), self.value_dense(inputs)
+        key, value = ops.reshape(key, shape), ops.reshape(value, shape)
         if self.rotary is not None:
             key = self.rotary(key, start_index=start_index)
         return key, value
+
+    def _project_qkv(self, inputs, start):
+        """Queries `(batch, seq, heads, head_dim)`, keys and values (RoPE applied)."""
+        batch, seq = ops.shape(inputs)[0], ops.shape(inputs)[1]
+        if not self.fused_qkv:
+            query = self.query_dense(inputs)
+            query = ops.reshape(query, (batch, seq, self.num_heads, self.head_dim))
+            if self.rotary is not None:
+                query = self.rotary(query, start_index=start)
+            return (query, *self.project_kv(inputs, start_index=start))
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        fused = self.qkv_dense(inputs)
+        rotated, value = ops.split(fused, [(heads + kv_heads) * self.head_dim], axis=-1)
+        rotated = ops.reshape(rotated, (batch, seq, heads + kv_heads, self.head_dim))
+        if self.rotary is not None:  # one rotation over the query and key heads
+            rotated = self.rotary(rotated, start_index=start)
+        query, key = ops.split(rotated, [heads], axis=2)
+        value = ops.reshape(value, (batch, seq, kv_heads, self.head_dim))
+        return query, key, value
 
     def call(self, inputs, padding_mask=None, cache=None, cache_update_index=None, training=None):
         batch, seq = ops.shape(inputs)[0], ops.shape(inputs)[1]
         start = 0 if cache is None else cache_update_index
         if cache is not None and cache_update_index is None:
             raise ValueError("cache_update_index is required when a cache is given.")
-        query = ops.reshape(self.query_dense(inputs), (batch, seq, self.num_heads, self.head_dim))
-        if self.rotary is not None:
-            query = self.rotary(query, start_index=start)
-        key, value = self.project_kv(inputs, start_index=start)
+        query, key, value = self._project_qkv(inputs, start)
         if cache is not None:
             cache = write_kv_cache(cache, key, value, cache_update_index)
             key, value, layout = cache[:, 0], cache[:, 1], "bhsd"
@@ -187,4 +229,5 @@ class CausalSelfAttention(keras.layers.Layer):
             "dropout": self.dropout,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
             "kernel_layout": self.kernel_layout,
+            "fused_qkv": self.fused_qkv,
         }

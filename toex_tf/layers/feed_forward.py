@@ -56,10 +56,17 @@ class FeedForward(keras.layers.Layer):
 
     def build(self, input_shape):
         inner_shape = tuple(input_shape[:-1]) + (self.intermediate_dim,)
-        self.up_dense = built_dense(self, self.intermediate_dim, "up", input_shape)
+        # SwiGLU's gate and up are two equal independent products: they already run side
+        # by side, one per core, so row splits (`Linear`) would only add ops.
+        pair = self.activation == "swiglu"
+        self.up_dense = built_dense(
+            self, self.intermediate_dim, "up", input_shape, row_split=not pair
+        )
         self.gate_dense = None
-        if self.activation == "swiglu":
-            self.gate_dense = built_dense(self, self.intermediate_dim, "gate", input_shape)
+        if pair:
+            self.gate_dense = built_dense(
+                self, self.intermediate_dim, "gate", input_shape, row_split=False
+            )
         self.down_dense = built_dense(self, input_shape[-1], "down", inner_shape)
         self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
 

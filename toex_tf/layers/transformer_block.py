@@ -50,6 +50,8 @@ class TransformerBlock(keras.layers.Layer):
         router_config: dict, extra `SkipRouter` arguments. Defaults to `None`.
         kernel_layout: str, the self-attention and FFN kernels' layout: `"in_out"`
             (`keras.layers.Dense`) or `"out_in"` (`Linear`). Defaults to `"in_out"`.
+        fused_qkv: bool, one query/key/value projection (`CausalSelfAttention`).
+            Defaults to `False`.
         **kwargs: base `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -86,6 +88,7 @@ class TransformerBlock(keras.layers.Layer):
         capacity: float = 1.0,
         router_config: dict | None = None,
         kernel_layout: str = "in_out",
+        fused_qkv: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -107,6 +110,7 @@ class TransformerBlock(keras.layers.Layer):
         self.capacity = float(capacity)
         self.router_config = dict(router_config or {})
         self.kernel_layout = check_kernel_layout(kernel_layout)
+        self.fused_qkv = bool(fused_qkv)
 
     def build(self, input_shape):
         policy = self.dtype_policy
@@ -120,6 +124,7 @@ class TransformerBlock(keras.layers.Layer):
             rope_theta=self.rope_theta,
             dropout=self.dropout,
             kernel_layout=self.kernel_layout,
+            fused_qkv=self.fused_qkv,
             dtype=policy,
             name="self_attention",
         )
@@ -219,4 +224,5 @@ class TransformerBlock(keras.layers.Layer):
             "capacity": self.capacity,
             "router_config": self.router_config,
             "kernel_layout": self.kernel_layout,
+            "fused_qkv": self.fused_qkv,
         }

@@ -22,6 +22,7 @@ model pretrained here is a checkpoint like any other (and `transformers` reads i
 
 import json
 import os
+from typing import NamedTuple
 
 import keras
 import ml_dtypes  # noqa: F401 - registers bfloat16 with NumPy before safetensors reads it
@@ -255,34 +256,76 @@ def read_safetensors(directory: str) -> dict:
     return tensors
 
 
-def weight_table(model) -> list[tuple[str, object, bool]]:
-    """The mapping `(hf_key, keras_variable, transpose)` for the base of `model`.
+class WeightSlot(NamedTuple):
+    """Where one Hugging Face tensor goes: `variable`, transposed or not, and with `rows`
+    `(start, stop)` only that block of the variable's output units (a fused `qkv`
+    kernel holds `q_proj`, `k_proj` and `v_proj`); `rows=None`: the whole variable."""
+
+    key: str
+    variable: object
+    transpose: bool
+    rows: tuple | None = None
+
+    def region(self):
+        """The index of this slot's block in the variable (outputs are axis 1 of a
+        transposed `(in, out)` kernel)."""
+        if self.rows is None:
+            return (slice(None),)
+        block = slice(*self.rows)
+        return (slice(None), block) if self.transpose else (block,)
+
+
+def weight_table(model) -> list[WeightSlot]:
+    """The mapping `WeightSlot(hf_key, keras_variable, transpose, rows)` of `model`'s base.
 
     Hugging Face stores Linear weights `(out, in)`: so do `Linear` kernels (the default
     `kernel_layout="out_in"`); Keras `Dense` kernels (`"in_out"`) take the transpose.
+    With `fused_qkv`, `q_proj`, `k_proj` and `v_proj` are row blocks of one kernel.
     """
-    transpose = model.llama_config.kernel_layout == "in_out"
+    config = model.llama_config
+    transpose = config.kernel_layout == "in_out"
     embedding = model.token_embedding
-    table = [("model.embed_tokens.weight", embedding.embeddings, False)]
-    if not model.llama_config.tie_embeddings:
-        table.append(("lm_head.weight", embedding.output_embeddings, False))
+    table = [WeightSlot("model.embed_tokens.weight", embedding.embeddings, False)]
+    if not config.tie_embeddings:
+        table.append(WeightSlot("lm_head.weight", embedding.output_embeddings, False))
+    query_width = config.num_heads * config.head_dim
+    kv_width = config.num_kv_heads * config.head_dim
     for index, block in enumerate(model.blocks):
         prefix = f"model.layers.{index}."
         transformer = block.block
         attention = transformer.self_attention
         ffn = transformer.ffn.layer if isinstance(transformer.ffn, SkipRouter) else transformer.ffn
+        linear = {
+            "self_attn.o_proj": attention.output_dense,
+            "mlp.gate_proj": ffn.gate_dense,
+            "mlp.up_proj": ffn.up_dense,
+            "mlp.down_proj": ffn.down_dense,
+        }
+        if attention.fused_qkv:
+            kernel = attention.qkv_dense.kernel
+            bounds = (0, query_width, query_width + kv_width, query_width + 2 * kv_width)
+            for name, rows in zip(("q_proj", "k_proj", "v_proj"), zip(bounds, bounds[1:])):
+                table.append(
+                    WeightSlot(f"{prefix}self_attn.{name}.weight", kernel, transpose, rows)
+                )
+        else:
+            linear = {
+                "self_attn.q_proj": attention.query_dense,
+                "self_attn.k_proj": attention.key_dense,
+                "self_attn.v_proj": attention.value_dense,
+                **linear,
+            }
         table += [
-            (prefix + "input_layernorm.weight", transformer.attention_norm.scale, False),
-            (prefix + "self_attn.q_proj.weight", attention.query_dense.kernel, transpose),
-            (prefix + "self_attn.k_proj.weight", attention.key_dense.kernel, transpose),
-            (prefix + "self_attn.v_proj.weight", attention.value_dense.kernel, transpose),
-            (prefix + "self_attn.o_proj.weight", attention.output_dense.kernel, transpose),
-            (prefix + "post_attention_layernorm.weight", transformer.ffn_norm.scale, False),
-            (prefix + "mlp.gate_proj.weight", ffn.gate_dense.kernel, transpose),
-            (prefix + "mlp.up_proj.weight", ffn.up_dense.kernel, transpose),
-            (prefix + "mlp.down_proj.weight", ffn.down_dense.kernel, transpose),
+            WeightSlot(f"{prefix}{name}.weight", dense.kernel, transpose)
+            for name, dense in linear.items()
         ]
-    table.append(("model.norm.weight", model.blocks[-1].exit_norm.scale, False))
+        table += [
+            WeightSlot(prefix + "input_layernorm.weight", transformer.attention_norm.scale, False),
+            WeightSlot(
+                prefix + "post_attention_layernorm.weight", transformer.ffn_norm.scale, False
+            ),
+        ]
+    table.append(WeightSlot("model.norm.weight", model.blocks[-1].exit_norm.scale, False))
     return table
 
 
@@ -296,7 +339,7 @@ def assign_hf_weights(model, tensors: dict, source: str = "checkpoint") -> None:
         CheckpointError: missing or unexpected keys, or a shape mismatch, named.
     """
     table = weight_table(model)
-    expected = {key for key, _, _ in table}
+    expected = {slot.key for slot in table}
     present = {key for key in tensors if not key.endswith(IGNORED_SUFFIXES)}
     if model.llama_config.tie_embeddings:
         present.discard("lm_head.weight")  # some tied checkpoints store the copy
@@ -311,18 +354,29 @@ def assign_hf_weights(model, tensors: dict, source: str = "checkpoint") -> None:
             f"{source}: {len(unexpected)} unexpected weight(s) (not a plain Llama of this "
             f"config?): {shown}"
         )
-    values = []
-    for key, variable, transpose in table:
-        value = np.asarray(tensors[key])
-        if transpose:
+    values, blocks = [], {}  # blocks: id(variable) -> (variable, array its slots fill)
+    for slot in table:
+        value = np.asarray(tensors[slot.key])
+        if slot.transpose:
             value = value.T
-        if tuple(value.shape) != tuple(variable.shape):
-            wanted = tuple(variable.shape)[::-1] if transpose else tuple(variable.shape)
+        if slot.rows is None:
+            target_shape = tuple(slot.variable.shape)
+        else:
+            if id(slot.variable) not in blocks:
+                whole = np.zeros(tuple(slot.variable.shape), "float32")
+                blocks[id(slot.variable)] = (slot.variable, whole)
+                values.append(blocks[id(slot.variable)])
+            target_shape = blocks[id(slot.variable)][1][slot.region()].shape
+        if tuple(value.shape) != target_shape:
+            wanted = target_shape[::-1] if slot.transpose else target_shape
             raise CheckpointError(
-                f"{source}: weight {key!r} has shape {tuple(tensors[key].shape)}; the "
-                f"config expects {wanted}."
+                f"{source}: weight {slot.key!r} has shape {tuple(tensors[slot.key].shape)}; "
+                f"the config expects {wanted}."
             )
-        values.append((variable, value))
+        if slot.rows is None:
+            values.append((slot.variable, value))
+        else:
+            blocks[id(slot.variable)][1][slot.region()] = value
     for variable, value in values:  # nothing is assigned unless every check passed
         variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
     final_norm = tensors["model.norm.weight"]
@@ -428,9 +482,10 @@ def export_llama(model, directory: str, dtype: str = "float32") -> str:
     config = model.llama_config
     os.makedirs(directory, exist_ok=True)
     tensors = {}
-    for key, variable, transpose in weight_table(model):
-        value = np.asarray(keras.ops.convert_to_numpy(variable)).astype("float32")
-        tensors[key] = np.ascontiguousarray(value.T if transpose else value).astype(
+    for slot in weight_table(model):
+        value = np.asarray(keras.ops.convert_to_numpy(slot.variable)).astype("float32")
+        value = value[slot.region()]
+        tensors[slot.key] = np.ascontiguousarray(value.T if slot.transpose else value).astype(
             ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
         )
     hf_config = {

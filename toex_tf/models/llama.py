@@ -75,6 +75,7 @@ class HierarchicalLlama(keras.Model):
         router_predictor_weight: float = 1e-2,
         router_hidden_dim: int = 64,
         kernel_layout: str = "out_in",
+        fused_qkv: bool = True,
         **kwargs,
     ):
         config = LlamaConfig(
@@ -102,6 +103,7 @@ class HierarchicalLlama(keras.Model):
             router_predictor_weight=router_predictor_weight,
             router_hidden_dim=router_hidden_dim,
             kernel_layout=kernel_layout,
+            fused_qkv=fused_qkv,
         )
         dtype = kwargs.pop("dtype", None)
         token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
@@ -147,6 +149,7 @@ class HierarchicalLlama(keras.Model):
                     capacity=config.capacity,
                     router_config=router_config,
                     kernel_layout=config.kernel_layout,
+                    fused_qkv=config.fused_qkv,
                     dtype=dtype,
                     name="transformer",
                 ),
@@ -241,8 +244,9 @@ class HierarchicalLlama(keras.Model):
 
     @classmethod
     def from_config(cls, config):
-        # Saved before `kernel_layout` existed: Keras Dense kernels.
-        return cls(**{"kernel_layout": "in_out", **config})
+        # Saved before `kernel_layout` existed: Keras Dense kernels; before `fused_qkv`:
+        # separate query, key and value projections.
+        return cls(**{"kernel_layout": "in_out", "fused_qkv": False, **config})
 
 
 def build_llama(config: LlamaConfig | str, dtype=None, **overrides) -> HierarchicalLlama:
