@@ -344,7 +344,7 @@ def _flag_dict() -> dict:
 def main(argv):
     try:
         _main(argv)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, RuntimeError) as error:
         # Bad input (data, flags that only the library can check, checkpoints): one clear
         # line instead of a traceback.
         sys.exit(f"toex_tf.run: error: {error}")

@@ -8,9 +8,11 @@ thread, runs independent ops side by side on `cores` inter-op threads, and split
 large product into `cores` row blocks (`toex_tf.layers.linear.set_row_splits`), so each
 core streams its own share of every weight matrix.
 
-Measured on the TinyLlama-1.1B config (2 cores, fp32, `benchmarks/llama_speed.py`): see
-the README's Llama section for the figures. With the default threading, splitting only
-adds ops, so nothing here is on unless asked for.
+Measured on the TinyLlama-1.1B config (2 cores, fp32, `benchmarks/llama_speed.py
+--core_parallel`): see the README's Llama section for the figures. With the default
+threading, splitting only adds ops, so nothing here is on unless asked for. It is meant
+for decoding: training under it runs each op on one thread, and the gradient of a split
+kernel is built from full-size pieces.
 
 TensorFlow fixes its thread pools when it runs its first op, so call
 `use_core_parallel_decoding` first thing, or start Python with
@@ -27,7 +29,7 @@ def use_core_parallel_decoding(cores: int | None = None) -> int:
     """One intra-op thread, `cores` inter-op threads and `cores` row splits.
 
     Args:
-        cores: int >= 1, default `os.cpu_count()`.
+        cores: int >= 1, default the cores this process may run on.
 
     Returns:
         The number of row splits set.
@@ -39,7 +41,9 @@ def use_core_parallel_decoding(cores: int | None = None) -> int:
     """
     import tensorflow as tf  # noqa: PLC0415 - TensorFlow-only module, loaded on use
 
-    cores = os.cpu_count() if cores is None else cores
+    if cores is None:  # the cores this process may use (affinity, containers)
+        usable = getattr(os, "sched_getaffinity", None)
+        cores = len(usable(0)) if usable else os.cpu_count()
     if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
         raise ValueError(f"cores must be an int >= 1; got {cores!r}.")
     threading = tf.config.threading

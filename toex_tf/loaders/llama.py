@@ -354,31 +354,31 @@ def assign_hf_weights(model, tensors: dict, source: str = "checkpoint") -> None:
             f"{source}: {len(unexpected)} unexpected weight(s) (not a plain Llama of this "
             f"config?): {shown}"
         )
-    values, blocks = [], {}  # blocks: id(variable) -> (variable, array its slots fill)
-    for slot in table:
-        value = np.asarray(tensors[slot.key])
-        if slot.transpose:
-            value = value.T
-        if slot.rows is None:
-            target_shape = tuple(slot.variable.shape)
-        else:
-            if id(slot.variable) not in blocks:
-                whole = np.zeros(tuple(slot.variable.shape), "float32")
-                blocks[id(slot.variable)] = (slot.variable, whole)
-                values.append(blocks[id(slot.variable)])
-            target_shape = blocks[id(slot.variable)][1][slot.region()].shape
-        if tuple(value.shape) != target_shape:
+    for slot in table:  # every shape first: nothing is assigned unless all fit
+        shape = tuple(slot.variable.shape)
+        target_shape = np.broadcast_to(np.empty((), bool), shape)[slot.region()].shape
+        value_shape = tuple(np.shape(tensors[slot.key]))
+        if (value_shape[::-1] if slot.transpose else value_shape) != target_shape:
             wanted = target_shape[::-1] if slot.transpose else target_shape
             raise CheckpointError(
-                f"{source}: weight {slot.key!r} has shape {tuple(tensors[slot.key].shape)}; "
-                f"the config expects {wanted}."
+                f"{source}: weight {slot.key!r} has shape {value_shape}; the config expects "
+                f"{wanted}."
             )
-        if slot.rows is None:
-            values.append((slot.variable, value))
-        else:
-            blocks[id(slot.variable)][1][slot.region()] = value
-    for variable, value in values:  # nothing is assigned unless every check passed
-        variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
+    fused = {}  # id(variable) -> its row-block slots: filled into one array, then assigned
+    for slot in table:
+        dtype = keras.backend.standardize_dtype(slot.variable.dtype)
+        if slot.rows is not None:
+            fused.setdefault(id(slot.variable), []).append(slot)
+            continue
+        value = np.asarray(tensors[slot.key])
+        slot.variable.assign((value.T if slot.transpose else value).astype(dtype, copy=False))
+    for slots in fused.values():  # one variable at a time: peak memory is one kernel
+        variable = slots[0].variable
+        whole = np.empty(tuple(variable.shape), keras.backend.standardize_dtype(variable.dtype))
+        for slot in slots:
+            value = np.asarray(tensors[slot.key])
+            whole[slot.region()] = value.T if slot.transpose else value
+        variable.assign(whole)
     final_norm = tensors["model.norm.weight"]
     for block in model.blocks[:-1]:
         if block.exit_norm is not None:
@@ -482,9 +482,13 @@ def export_llama(model, directory: str, dtype: str = "float32") -> str:
     config = model.llama_config
     os.makedirs(directory, exist_ok=True)
     tensors = {}
+    arrays = {}  # id(variable) -> float32 array: a fused kernel is read once
     for slot in weight_table(model):
-        value = np.asarray(keras.ops.convert_to_numpy(slot.variable)).astype("float32")
-        value = value[slot.region()]
+        if id(slot.variable) not in arrays:
+            arrays.clear()  # the slots of one variable are adjacent
+            value = np.asarray(keras.ops.convert_to_numpy(slot.variable))
+            arrays[id(slot.variable)] = value.astype("float32", copy=False)
+        value = arrays[id(slot.variable)][slot.region()]
         tensors[slot.key] = np.ascontiguousarray(value.T if slot.transpose else value).astype(
             ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
         )
