@@ -344,7 +344,7 @@ def _flag_dict() -> dict:
 def main(argv):
     try:
         _main(argv)
-    except (ValueError, TypeError, RuntimeError) as error:
+    except (ValueError, TypeError) as error:
         # Bad input (data, flags that only the library can check, checkpoints): one clear
         # line instead of a traceback.
         sys.exit(f"toex_tf.run: error: {error}")
@@ -358,7 +358,10 @@ def _main(argv):
     if FLAGS.core_parallel:  # before TensorFlow runs its first op
         from toex_tf.inference.tf_threads import use_core_parallel_decoding  # noqa: PLC0415
 
-        use_core_parallel_decoding()
+        try:
+            use_core_parallel_decoding()
+        except RuntimeError as error:
+            raise app.UsageError(f"--core_parallel: {error}") from error
     from toex_tf import tf_jobs as pipeline  # noqa: PLC0415 - TensorFlow after flag checks
 
     overrides, data, train, evaluation = _configs()

@@ -47,27 +47,19 @@ def use_core_parallel_decoding(cores: int | None = None) -> int:
     if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
         raise ValueError(f"cores must be an int >= 1; got {cores!r}.")
     threading = tf.config.threading
-    if (
-        threading.get_intra_op_parallelism_threads(),
-        threading.get_inter_op_parallelism_threads(),
-    ) != (
-        1,
-        cores,
-    ):
-        try:
-            threading.set_intra_op_parallelism_threads(1)
-            threading.set_inter_op_parallelism_threads(cores)
-        except RuntimeError as error:
-            environment = (
-                os.environ.get("TF_NUM_INTRAOP_THREADS"),
-                os.environ.get("TF_NUM_INTEROP_THREADS"),
-            )
-            if environment != ("1", str(cores)):
-                raise RuntimeError(
-                    "use_core_parallel_decoding must run before TensorFlow executes its "
-                    "first op (its thread pools are fixed then); call it right after the "
-                    "imports, or start Python with TF_NUM_INTRAOP_THREADS=1 "
-                    f"TF_NUM_INTEROP_THREADS={cores}."
-                ) from error
+    try:  # setting the values the pools already have is accepted after start-up
+        threading.set_intra_op_parallelism_threads(1)
+        threading.set_inter_op_parallelism_threads(cores)
+    except RuntimeError as error:
+        environment = (
+            os.environ.get("TF_NUM_INTRAOP_THREADS"),
+            os.environ.get("TF_NUM_INTEROP_THREADS"),
+        )
+        if environment != ("1", str(cores)):
+            raise RuntimeError(
+                "use_core_parallel_decoding must run before TensorFlow executes its first "
+                "op (its thread pools are fixed then); call it right after the imports, or "
+                f"start Python with TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS={cores}."
+            ) from error
     set_row_splits(cores)
     return cores

@@ -53,10 +53,10 @@ def matmul_out_in(inputs, kernel, split: bool = True):
     rows = ops.reshape(inputs, (-1, width))
     units = kernel.shape[0]
     parts = _row_splits if split and units >= _row_splits * MIN_ROWS_PER_PART else 1
-    bounds = [units * part // parts for part in range(parts + 1)]
     if parts == 1:
         out = _rows_times(rows, kernel)
     else:
+        bounds = [units * part // parts for part in range(parts + 1)]
         blocks = [_rows_times(rows, kernel[a:b]) for a, b in zip(bounds, bounds[1:])]
         out = ops.concatenate(blocks, axis=1)
     return ops.reshape(out, tuple(ops.shape(inputs)[:-1]) + (units,))

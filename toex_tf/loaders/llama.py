@@ -366,11 +366,11 @@ def assign_hf_weights(model, tensors: dict, source: str = "checkpoint") -> None:
             )
     fused = {}  # id(variable) -> its row-block slots: filled into one array, then assigned
     for slot in table:
-        dtype = keras.backend.standardize_dtype(slot.variable.dtype)
         if slot.rows is not None:
             fused.setdefault(id(slot.variable), []).append(slot)
             continue
         value = np.asarray(tensors[slot.key])
+        dtype = keras.backend.standardize_dtype(slot.variable.dtype)
         slot.variable.assign((value.T if slot.transpose else value).astype(dtype, copy=False))
     for slots in fused.values():  # one variable at a time: peak memory is one kernel
         variable = slots[0].variable
