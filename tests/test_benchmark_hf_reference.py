@@ -6,8 +6,10 @@ import pathlib
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
+PARITY_EXTRA = 'needs the parity extra: a CPU build of torch, then pip install -e ".[parity]"'
+
+pytest.importorskip("torch", reason=PARITY_EXTRA)
+pytest.importorskip("transformers", reason=PARITY_EXTRA)
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "hf_reference.py"
 

@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+PARITY_EXTRA = 'needs the parity extra: a CPU build of torch, then pip install -e ".[parity]"'
+
+torch = pytest.importorskip("torch", reason=PARITY_EXTRA)
+transformers = pytest.importorskip("transformers", reason=PARITY_EXTRA)
 
 from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy, generate  # noqa: E402
 from toex_tf.loaders import export_llama, load_llama  # noqa: E402
