@@ -156,11 +156,12 @@ def test_bad_data_fails_with_a_clear_message(tmp_path):
     out = f"--output_dir={tmp_path / 'out'}"
     result = _run(*TINY, f"--dataset=text:{tmp_path}/nothing/*.txt", out)
     assert result.returncode != 0 and "matched no files" in result.stderr
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    (empty / "a.txt").write_text("   \n")
-    result = _run(*TINY, f"--dataset=text:{empty}/*.txt", out)
-    assert result.returncode != 0 and "empty" in result.stderr
+    blank = tmp_path / "blank"  # a path without the word: the message must say it
+    blank.mkdir()
+    (blank / "a.txt").write_text("   \n")
+    assert "empty" not in str(blank)
+    result = _run(*TINY, f"--dataset=text:{blank}/*.txt", out)
+    assert result.returncode != 0 and "gave an empty corpus" in result.stderr, result.stderr
     result = _run(*TINY, "--dataset=parquet:x", out)
     assert result.returncode != 0 and "parquet:x" in result.stderr
 
