@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from toex_tf.inference import DecoderAdapter, ExitPolicy
+from toex_tf.inference.quality import score_decoding
 from toex_tf.models import build_llama
 from toex_tf.training.llama_training import (
     LlamaPhaseTrainer,
@@ -76,8 +78,15 @@ def test_exit_depth_threshold_hits_a_target_depth():
     for gate in model.gates:
         gate.kernel.assign(rng.normal(0, 1, gate.kernel.shape).astype("float32"))
     inputs, _ = _data()
-    threshold = exit_depth_threshold(model, inputs, 2.5)
-    assert 0 < threshold < 1
+    adapter = DecoderAdapter.from_llama(model)
+    for target in (1.8, 2.5, 3.2):
+        threshold = exit_depth_threshold(model, inputs, target)
+        assert 0 < threshold < 1
+        # Measured by the decode engine, teacher-forced on the same tokens: the first gate
+        # above the threshold. Position 0 is the prefill's (full depth) and is left out.
+        policy = ExitPolicy("unfrozen", "learned", threshold)
+        exits = np.asarray(score_decoding(adapter, policy, inputs, inputs)["exit_layer"])[:, 1:]
+        assert abs(exits.mean() - target) < 0.15, (target, threshold, exits.mean())
 
 
 def test_bad_training_input():
