@@ -42,6 +42,17 @@ class CrashAt(keras.callbacks.Callback):
             raise KeyboardInterrupt("simulated crash")
 
 
+class CountBatches(keras.callbacks.Callback):
+    """Counts the optimizer steps one `train` call runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+
+
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
     straight = train(MODEL, _config(), INPUTS, TARGETS, str(tmp_path / "a"), verbose=0)
     with pytest.raises(KeyboardInterrupt):
@@ -57,7 +68,13 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
         )
     manager = CheckpointManager(str(tmp_path / "b" / "checkpoints"))
     assert os.path.basename(manager.latest()) == "ckpt-00000004"
-    resumed = train(MODEL, _config(), INPUTS, TARGETS, str(tmp_path / "b"), verbose=0)
+    # train() reseeds and rebuilds deterministically, so equal weights alone would not
+    # prove a restore: the resumed call must run exactly the two steps after checkpoint 4.
+    counter = CountBatches()
+    resumed = train(
+        MODEL, _config(), INPUTS, TARGETS, str(tmp_path / "b"), callbacks=[counter], verbose=0
+    )
+    assert counter.batches == 2
     for a, b in zip(straight.get_weights(), resumed.get_weights()):
         np.testing.assert_array_equal(a, b)
     # A resumed run really continued: its weights differ from the step-4 checkpoint.
