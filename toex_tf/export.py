@@ -29,9 +29,10 @@ The root object also meets TF-Hub's reusable SavedModel API: `__call__(inputs,
 training=False)` (the final logits, as `logits`), `variables`, `trainable_variables` and
 `regularization_losses` (empty: the models have no weight penalties). A Llama with skip
 routers has only the `training=False` trace: routers train with top-k routing, which
-needs a static sequence length. Bad input fails
-with an `InvalidArgumentError` naming the problem (`tf.debugging` asserts that run before
-any layer). Cache writes are scatters, so the graph holds no `Xla*` op.
+needs a static sequence length. Bad input fails with an `InvalidArgumentError` naming
+the problem (`tf.debugging` asserts that run before any layer); each input's rank is checked
+first ("lengths must be a vector (rank 1), got rank 0"). Cache writes are scatters, so the
+graph holds no `Xla*` op.
 """
 
 import os
@@ -58,6 +59,39 @@ TOKENIZER_SUBDIR = "assets.extra/tokenizer"
 def _checked(tensor, checks):
     with tf.control_dependencies(checks):
         return tf.identity(tensor)
+
+
+_RANK_NAMES = ("a scalar", "a vector", "a matrix")
+
+
+def _run_time_rank(tensor):
+    """The rank of `tensor` as fed, which the signature's `tf.TensorSpec` need not match.
+
+    `tf.rank` (or `tf.size(tf.shape(...))`) will not do: grappler's constant folding
+    replaces it with the spec's rank. A serialize/parse round trip hides the static shape
+    from the optimizer; what it copies is small (ids, lengths, scalars, prompt strings).
+    """
+    return tf.rank(tf.io.parse_tensor(tf.io.serialize_tensor(tensor), tensor.dtype))
+
+
+def _rank_checked(specs, *tensors):
+    """`tensors`, one per `tf.TensorSpec` in `specs`, released once each has its spec's rank.
+
+    A SavedModel signature called with a wrong-rank input skips the spec's shape check (TF
+    falls back to its flat call), and would fail deep inside as "slice index 0 of dimension
+    0 out of bounds". A signature reads its inputs only from here, so these checks run
+    before any other op and fail with the input's name: "lengths must be a vector (rank 1),
+    got rank 0".
+    """
+    checks = []
+    for spec, tensor in zip(specs, tensors):
+        rank = _run_time_rank(tensor)
+        expected = spec.shape.rank
+        message = f"{spec.name} must be {_RANK_NAMES[expected]} (rank {expected}), got rank {{}}"
+        checks.append(
+            tf.debugging.Assert(tf.equal(rank, expected), [tf.strings.format(message, rank)])
+        )
+    return [_checked(tensor, checks) for tensor in tensors]
 
 
 def _ids_checks(token_ids, lengths, vocab_size, max_length):
@@ -111,6 +145,9 @@ def _generate_function(adapter: DecoderAdapter, make_policy, stop_token_ids):
     capacity = max_length - 1
 
     def generate_signature(token_ids, lengths, max_new_tokens, threshold, mode):
+        token_ids, lengths, max_new_tokens, threshold, mode = _rank_checked(
+            GENERATE_SIGNATURE, token_ids, lengths, max_new_tokens, threshold, mode
+        )
         width = tf.shape(token_ids)[1]
         checks = _ids_checks(token_ids, lengths, vocab_size, max_length)
         checks += [
@@ -157,6 +194,9 @@ def _score_function(adapter: DecoderAdapter, make_policy):
     max_length, vocab_size = adapter.max_length, adapter.vocab_size
 
     def score_signature(token_ids, lengths, threshold, mode):
+        token_ids, lengths, threshold, mode = _rank_checked(
+            SCORE_SIGNATURE, token_ids, lengths, threshold, mode
+        )
         checks = _ids_checks(token_ids, lengths, vocab_size, max_length)
         token_ids = _checked(token_ids, checks + _policy_checks(threshold, mode))
         real = tf.range(tf.shape(token_ids)[1])[None, :] < lengths[:, None]
@@ -183,6 +223,9 @@ def _generate_text_function(generate_endpoint, graph_tokenizer, stop_token_ids):
     stop_ids = tf.constant(list(stop_token_ids) or [-1], tf.int32)
 
     def generate_text_signature(prompt, max_new_tokens, threshold, mode):
+        prompt, max_new_tokens, threshold, mode = _rank_checked(
+            GENERATE_TEXT_SIGNATURE, prompt, max_new_tokens, threshold, mode
+        )
         prompt = _checked(
             prompt,
             [
@@ -241,6 +284,7 @@ def _logits_function(model, adapter):
     max_length, vocab_size = adapter.max_length, adapter.vocab_size
 
     def logits_signature(token_ids, training=False):
+        (token_ids,) = _rank_checked([TOKEN_IDS], token_ids)
         lengths = tf.fill(tf.shape(token_ids)[:1], tf.shape(token_ids)[1])
         token_ids = _checked(token_ids, _ids_checks(token_ids, lengths, vocab_size, max_length))
         return final_logits(model, token_ids, training=training)
