@@ -193,12 +193,10 @@ def main():
 
 
 def _plot(rows, path):
-    import matplotlib  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415 - no pyplot, no backend switch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure = Figure(figsize=(6, 4), layout="tight")
+    axis = figure.subplots()
     for exits, marker in ((False, "o"), (True, "s")):
         chosen = [r for r in rows[1:] if r["exits"] == exits]  # rows[0]: full depth
         if not chosen:
@@ -224,9 +222,7 @@ def _plot(rows, path):
     axis.set_xlabel("router capacity (share of FFNs run)")
     axis.set_ylabel("decode speedup over full depth")
     axis.legend(fontsize=8)
-    figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 if __name__ == "__main__":

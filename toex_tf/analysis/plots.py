@@ -1,10 +1,10 @@
-"""Plots of an exit sweep (matplotlib, headless)."""
+"""Plots of an exit sweep, written as PNG files.
 
-import matplotlib
+Matplotlib's object API (`Figure`, then `savefig`) draws without pyplot or a GUI backend,
+so importing this module leaves a notebook's backend and figures alone.
+"""
 
-matplotlib.use("Agg")  # no display on servers and CI
-
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 
 def plot_exit_curve(results: dict, path: str) -> str:
@@ -18,7 +18,8 @@ def plot_exit_curve(results: dict, path: str) -> str:
         `path`.
     """
     base = results["baseline"]["perplexity"]
-    figure, axis = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    figure = Figure(figsize=(6.4, 4.2), dpi=120, layout="tight")
+    axis = figure.subplots()
     for criterion in dict.fromkeys(row["criterion"] for row in results["sweeps"]):
         rows = sorted(
             (r for r in results["sweeps"] if r["criterion"] == criterion),
@@ -37,7 +38,5 @@ def plot_exit_curve(results: dict, path: str) -> str:
     axis.set_ylabel("compute saved, overhead counted (%)")
     axis.set_title(f"Exit sweep ({results['baseline']['num_layers']} layers)")
     axis.legend()
-    figure.tight_layout()
     figure.savefig(path)
-    plt.close(figure)
     return path

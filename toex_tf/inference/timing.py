@@ -339,17 +339,14 @@ def plot_decode_speed(rows: Sequence[dict], path: str, title: str = "Decode spee
     Returns:
         `path`.
     """
-    import matplotlib  # noqa: PLC0415 - plotting is optional
-
-    matplotlib.use("Agg")  # no display on servers and CI
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    # The object API: no pyplot, no backend switch in the caller's process.
+    from matplotlib.figure import Figure  # noqa: PLC0415 - plotting is optional
 
     batches = list(dict.fromkeys(row["batch"] for row in rows))
     settings = [r for r in rows if r["mode"] != "full"]
     width = max(4.0, 0.9 * len(settings) / max(len(batches), 1) + 2.0)
-    figure, axes = plt.subplots(
-        1, len(batches), figsize=(width * len(batches), 4.4), dpi=120, squeeze=False
-    )
+    figure = Figure(figsize=(width * len(batches), 4.4), dpi=120, layout="tight")
+    axes = figure.subplots(1, len(batches), squeeze=False)
     for axis, batch in zip(axes[0], batches):
         shown = [r for r in rows if r["batch"] == batch and r["mode"] != "full"]
         labels = [
@@ -391,7 +388,5 @@ def plot_decode_speed(rows: Sequence[dict], path: str, title: str = "Decode spee
         axis.legend(fontsize=8, loc="upper left")
     device = rows[0]["device"] if rows else ""
     figure.suptitle(f"{title} — {device}", fontsize=11)
-    figure.tight_layout()
     figure.savefig(path)
-    plt.close(figure)
     return path
