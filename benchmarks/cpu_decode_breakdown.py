@@ -22,10 +22,10 @@ import keras
 import numpy as np
 from hf_reference import generate_timing, time_transformers_isolated
 
+from toex_tf.analysis.speed import compile_generate, device_name, time_run
 from toex_tf.config import llama_preset
-from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy
+from toex_tf.inference import DecoderAdapter, ExitPolicy
 from toex_tf.inference.tf_threads import use_core_parallel_decoding
-from toex_tf.inference.timing import compile_generate, device_name, time_run
 from toex_tf.loaders import hf_config_from_llama
 from toex_tf.models import build_llama
 
@@ -38,7 +38,7 @@ def ours(prompt, new_tokens, repeats, **overrides):
     keras.utils.set_random_seed(0)
     length = prompt.shape[1] + new_tokens
     model = build_llama("tinyllama", max_length=length, **overrides)
-    adapter = DecoderAdapter.from_llama(model, length, routing="all")
+    adapter = DecoderAdapter(model, length, routing="all")
     one = compile_generate(adapter, 1, ExitPolicy("full"))
     many = compile_generate(adapter, new_tokens, ExitPolicy("full"))
     return (

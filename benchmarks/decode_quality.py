@@ -10,7 +10,7 @@ must equal it; `frozen` shows what CALM state propagation costs.
     python benchmarks/decode_quality.py --model_dir=runs/quickstart \
         --out=benchmarks/results/decode_quality_cpu.json
 
-The held-out windows are the training pipeline's (`tf_jobs.prepare_data`): the run's
+The held-out windows are the training pipeline's (`toex_tf.data.prepared.prepare_data`): the run's
 corpus split with its validation fraction and seed (from `config_log.jsonl`; the
 built-in corpus, 0.1 and 0 without it), encoded with the run's tokenizer and cut by
 `lm_windows`; the first `--windows` are used. Without `--model_dir` it scores a random
@@ -28,8 +28,8 @@ import os
 import keras
 import numpy as np
 
-from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy
-from toex_tf.inference.quality import compare_modes
+from toex_tf.analysis.quality import compare_modes
+from toex_tf.inference import DecoderAdapter, ExitPolicy
 from toex_tf.models import build_gpt
 
 
@@ -114,7 +114,7 @@ def main():
         model = keras.saving.load_model(os.path.join(args.model_dir, "model.keras"))
     else:
         model = build_gpt(args.preset)
-    config = model.gpt_config
+    config = model.config
     if args.window_length > config.max_length:
         raise ValueError(
             f"--window_length={args.window_length} exceeds the model's "
@@ -144,7 +144,7 @@ def main():
         for mode in args.modes.split(",")
         for threshold in args.thresholds.split(",")
     ]
-    adapter = DecoderAdapter.from_gpt(model)
+    adapter = DecoderAdapter(model)
     print(f"{len(inputs)} windows of {args.window_length} tokens: {source}.", flush=True)
     result = compare_modes(
         adapter,

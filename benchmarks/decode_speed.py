@@ -21,8 +21,8 @@ import os
 import keras
 import numpy as np
 
-from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy
-from toex_tf.inference.timing import format_speed_table, measure_decode_speed, plot_decode_speed
+from toex_tf.analysis.speed import format_speed_table, measure_decode_speed, plot_decode_speed
+from toex_tf.inference import DecoderAdapter, ExitPolicy
 from toex_tf.models import build_gpt
 
 
@@ -71,7 +71,7 @@ def main():
         model = keras.saving.load_model(os.path.join(args.model_dir, "model.keras"))
     else:
         model = build_gpt(args.preset)
-    config = model.gpt_config
+    config = model.config
     decisions = None
     if args.decision_layers:
         decisions = tuple(int(x) for x in args.decision_layers.split(","))
@@ -99,7 +99,7 @@ def main():
         log=lambda line: print(line, flush=True),
         jit_compile=args.jit_compile,
     )
-    exit_layers = DecoderAdapter.from_gpt(model).decision_layers(
+    exit_layers = DecoderAdapter(model).decision_layers(
         ExitPolicy(decision_layers=decisions)
     )
     result = {

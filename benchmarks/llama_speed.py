@@ -27,10 +27,10 @@ import time
 import keras
 import numpy as np
 
-from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy
-from toex_tf.inference.llama_timing import LlamaCost, measure_llama_speed
+from toex_tf.analysis.llama_speed import RoutedCost, measure_llama_speed
+from toex_tf.analysis.speed import compile_generate, device_name, time_run
+from toex_tf.inference import DecoderAdapter, ExitPolicy
 from toex_tf.inference.tf_threads import use_core_parallel_decoding
-from toex_tf.inference.timing import compile_generate, device_name, time_run
 from toex_tf.loaders import hf_config_from_llama
 from toex_tf.models import build_llama
 
@@ -54,12 +54,12 @@ def compare_with_transformers(model, prompt, new_tokens, repeats, rounds, jit_co
     from hf_reference import generate_timing, time_transformers_isolated  # noqa: PLC0415
 
     length = prompt.shape[1] + new_tokens
-    adapter = DecoderAdapter.from_llama(model, length, routing="all")
+    adapter = DecoderAdapter(model, length, routing="all")
     runs = [
         compile_generate(adapter, count, ExitPolicy("full"), jit_compile)
         for count in (1, new_tokens)
     ]
-    hf_config = hf_config_from_llama(model.llama_config)
+    hf_config = hf_config_from_llama(model.config)
     rounds_out = []
     for index in range(rounds):
         one, many = (time_run(lambda p, r=r: np.asarray(r(p)[0]), prompt, repeats)[0] for r in runs)
@@ -144,7 +144,7 @@ def main():
         keras.utils.set_random_seed(args.seed)
         model = build_llama(args.preset, max_length=args.prompt_length + args.new_tokens)
         _randomize_gates(model, args.seed)
-    config = model.llama_config
+    config = model.config
     print(f"model ready in {time.perf_counter() - start:.0f} s", flush=True)
     rng = np.random.default_rng(args.seed)
     prompt = rng.integers(0, config.vocab_size, (args.batch, args.prompt_length)).astype("int32")
@@ -171,7 +171,7 @@ def main():
         "repeats": args.repeats,
         "exit_depth": args.exit_depth,
         "match_on_decode": args.match_on_decode,
-        "ffn_share_of_layer": LlamaCost.for_llama(model, args.prompt_length).ffn_share(),
+        "ffn_share_of_layer": RoutedCost.for_model(model, args.prompt_length).ffn_share(),
         "device": device_name(),
         "threading": threading,
         "rows": rows,

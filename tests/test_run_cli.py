@@ -99,10 +99,11 @@ def test_train_and_eval_writes_model_results_and_logs(tmp_path):
         assert generated.returncode == 0, generated.stderr[-3000:]
         record = json.loads((out / "generate.json").read_text())
         assert json.loads(generated.stdout[generated.stdout.index("{") :]) == record
-        assert record["settings"]["mode"] == mode and 0 < len(record["tokens"]) <= 5
-        assert all(1 <= t["exit_layer"] <= 2 for t in record["tokens"])
-        assert record["text"] == "".join(t["token"] for t in record["tokens"])
-    for prompt, message in (("", "prompt is empty"), ("x" * 40, "max_length")):
+        (result,) = record["results"]
+        assert record["settings"]["mode"] == mode and 0 < len(result["tokens"]) <= 5
+        assert all(1 <= t["exit_layer"] <= 2 for t in result["tokens"])
+        assert result["text"] == "".join(t["token"] for t in result["tokens"])
+    for prompt, message in (("", "prompts[0] is empty"), ("x" * 40, "max_length")):
         bad = _run(*TINY, f"--output_dir={out}", "--mode=generate", f"--prompt={prompt}")
         assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-2000:]
         assert "Traceback" not in bad.stderr
@@ -322,7 +323,7 @@ class _PieceTokenizer:
 
 def test_generated_text_keeps_the_space_before_its_first_word():
     from toex_tf.data import ByteTokenizer
-    from toex_tf.tf_jobs import decode_continuation
+    from toex_tf.data.continuation import decode_continuation
 
     tokenizer = _PieceTokenizer()
     assert tokenizer.decode([2, 3]) == "sats"  # the wart: decoded alone, no leading space
@@ -351,7 +352,7 @@ def test_train_gates_then_generate_with_the_learned_criterion(trained_tiny, tmp_
     ):
         generated = _run(*common, *extra)
         assert generated.returncode == 0, generated.stderr[-3000:]
-        record = json.loads((out / "generate.json").read_text())
+        (record,) = json.loads((out / "generate.json").read_text())["results"]
         assert 0 < len(record["tokens"]) <= 5
         if "--decode_threshold=0.0" in extra:  # every token after the first leaves at 1
             assert all(t["exit_layer"] == 1 for t in record["tokens"][1:])
@@ -362,6 +363,7 @@ def test_train_gates_then_generate_with_the_learned_criterion(trained_tiny, tmp_
 
 LLAMA = [
     "--model=llama",
+    "--mode=train",
     "--llama_preset=llama-tiny",
     "--tokenizer=byte",
     "--seq_len=16",

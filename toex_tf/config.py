@@ -7,7 +7,7 @@ are named configs, not code paths.
 import dataclasses
 from dataclasses import dataclass, field
 
-from toex_tf.layers.top_k_confidence_gate import CRITERIA, validate_threshold
+from toex_tf.inference.criteria import CRITERIA, validate_threshold
 
 
 def resolve_exit_layers(exit_layers, num_layers: int) -> tuple[int, ...]:
@@ -286,6 +286,7 @@ class DataConfig:
 
     dataset: str = "builtin"
     data_dir: str | None = None
+    tfds_text_key: str = "text"  # the text feature of a `tfds:` dataset
     tokenizer: str = "sentencepiece"
     vocab_size: int = 2048
     validation_fraction: float = 0.1
@@ -297,5 +298,5 @@ class EvalConfig:
 
     criteria: tuple = ("max_prob", "margin", "entropy")
     thresholds: tuple = field(default_factory=lambda: (0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0))
-    max_batches: int = 50
+    windows: int = 256  # held-out windows evaluated
     confidence_source: str = "cheap"  # "cheap" (LightweightOutputEmbedding) or "full"

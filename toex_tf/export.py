@@ -14,7 +14,7 @@ Signatures (the decode loops run in the graph, so TF Serving, `tf.saved_model.lo
   are fixed at export.
 - `score`: `token_ids`, `lengths`, `threshold`, `mode` -> `logits` float32 `(batch,
   width, vocab)`, each position's next-token logits from the exit it took when the mode's
-  decode loop reads the row (teacher-forced, `toex_tf.inference.quality.exit_logits`),
+  decode loop reads the row (teacher-forced, `toex_tf.analysis.quality.exit_logits`),
   and `exit_layers` int32 `(batch, width)`; zeros past each row's length.
 - `logits`: `token_ids` `(batch, width)` -> the final layer's logits, one forward pass.
 - `generate_text` (only with `tokenizer=`): `prompt` string `(batch,)`, `max_new_tokens`,
@@ -44,8 +44,8 @@ import tensorflow as tf
 
 from toex_tf.data.tokenizers import Tokenizer, load_tokenizer
 from toex_tf.graph_text import GraphTokenizer, valid_utf8
-from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy, generate
-from toex_tf.inference.quality import exit_logits
+from toex_tf.inference import DecoderAdapter, ExitPolicy, generate
+from toex_tf.inference.teacher_forced import exit_logits
 
 EXPORT_MODES = ("full", "unfrozen", "frozen", "lazy")
 # What `export_saved_model` writes; the first is also `serving_default`.
@@ -273,11 +273,8 @@ def _generate_text_function(generate_endpoint, graph_tokenizer, stop_token_ids):
 
 
 def final_logits(model, token_ids, training=False):
-    """The last layer's logits of an `EarlyExitGPT` or a `HierarchicalLlama`."""
-    outputs = model(token_ids, training=training)
-    if isinstance(outputs, dict):
-        outputs = outputs["logits"] if "logits" in outputs else outputs["exit_logits"][-1]
-    return tf.cast(outputs, tf.float32)
+    """The last layer's logits of a model (the `AdaptiveModel` output contract)."""
+    return tf.cast(model(token_ids, training=training)["logits"], tf.float32)
 
 
 def _logits_function(model, adapter):
@@ -350,8 +347,7 @@ def export_saved_model(
         raise RuntimeError(
             f"SavedModel export needs KERAS_BACKEND=tensorflow; got {keras.backend.backend()!r}."
         )
-    kwargs = {"max_length": max_length} if hasattr(model, "llama_config") else {}
-    adapter = DecoderAdapter.from_model(model, **kwargs)
+    adapter = DecoderAdapter(model, max_length=max_length)
     graph_tokenizer = None
     if tokenizer is not None:
         if isinstance(tokenizer, str):

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from toex_tf.analysis.cost import CostModel
 from toex_tf.analysis.exit_eval import collect_exit_statistics, exit_indices, sweep
-from toex_tf.analysis.flops import CostModel
 from toex_tf.layers import TopKConfidenceGate
 from toex_tf.models import build_gpt
 

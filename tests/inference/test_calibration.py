@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from toex_tf.inference.calibration import (
+from toex_tf.calibration.thresholds import (
     Calibration,
     agreement_with_reference,
     bentkus_p_value,
@@ -18,7 +18,7 @@ from toex_tf.inference.calibration import (
     hoeffding_p_value,
     select_threshold,
 )
-from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy, generate
+from toex_tf.inference import DecoderAdapter, ExitPolicy, generate
 from toex_tf.models import build_gpt
 
 NEW_TOKENS = 8

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from toex_tf.analysis.exit_eval import exit_indices
-from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy, generate
-from toex_tf.inference.quality import (
+from toex_tf.analysis.quality import (
     compare_modes,
     exit_logits,
     score_decoding,
     summarize_scores,
 )
+from toex_tf.inference import DecoderAdapter, ExitPolicy, generate
 from toex_tf.layers.top_k_confidence_gate import TopKConfidenceGate
 from toex_tf.models import build_gpt
 from toex_tf.models.gpt import with_exit_signals
@@ -280,8 +280,8 @@ def test_jax_backend_jits_the_same_scores(tmp_path):
     expected = compare_modes(adapter, [policies["frozen"]], INPUTS, TARGETS, compile=False)
     code = (
         "import json, keras, numpy as np, toex_tf.models\n"
-        "from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy\n"
-        "from toex_tf.inference.quality import compare_modes\n"
+        "from toex_tf.inference import DecoderAdapter, ExitPolicy\n"
+        "from toex_tf.analysis.quality import compare_modes\n"
         f"model = keras.saving.load_model({str(path)!r})\n"
         "adapter = DecoderAdapter.from_gpt(model)\n"
         f"stream = np.array({STREAM.tolist()}, 'int32')\n"

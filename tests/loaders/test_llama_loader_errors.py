@@ -131,7 +131,7 @@ def test_untampered_copy_loads(ckpt, source):
     np.testing.assert_array_equal(
         np.asarray(model.blocks[-1].exit_norm.scale), tensors["model.norm.weight"]
     )
-    assert np.asarray(model(_ids())).shape == (2, 7, VOCAB)
+    assert np.asarray(model(_ids())["logits"]).shape == (2, 7, VOCAB)
     assert model.tokenizer is None
 
 
@@ -181,7 +181,7 @@ def test_rotary_inv_freq_buffers_are_ignored(ckpt):
     tensors = _tensors(ckpt)
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(4, "float32")
     _save_tensors(ckpt, tensors)
-    assert np.asarray(load_llama(str(ckpt))(_ids())).shape == (2, 7, VOCAB)
+    assert np.asarray(load_llama(str(ckpt))(_ids())["logits"]).shape == (2, 7, VOCAB)
 
 
 @pytest.mark.parametrize(
@@ -257,7 +257,8 @@ def test_sharded_checkpoint_loads_like_the_single_file(ckpt, source):
     _shard(ckpt)
     ids = _ids(1)
     np.testing.assert_array_equal(
-        np.asarray(load_llama(str(ckpt))(ids)), np.asarray(load_llama(str(source))(ids))
+        np.asarray(load_llama(str(ckpt))(ids)["logits"]),
+        np.asarray(load_llama(str(source))(ids)["logits"]),
     )
 
 
@@ -463,7 +464,8 @@ def test_hf_handle_resolves_offline_from_the_cache(hf_cache, source):
     assert os.path.samefile(resolve_handle_fn(f"hf://org/name@{COMMIT}"), hf_cache)
     ids = _ids(2)
     np.testing.assert_array_equal(
-        np.asarray(load_llama("hf://org/name")(ids)), np.asarray(load_llama(str(source))(ids))
+        np.asarray(load_llama("hf://org/name")(ids)["logits"]),
+        np.asarray(load_llama(str(source))(ids)["logits"]),
     )
 
 
@@ -532,7 +534,9 @@ def test_kaggle_handle(source, monkeypatch):
     model = load_llama("kaggle://owner/model/keras/variant")
     assert calls == ["owner/model/keras/variant"]
     ids = _ids(3)
-    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(load_llama(str(source))(ids)))
+    np.testing.assert_array_equal(
+        np.asarray(model(ids)["logits"]), np.asarray(load_llama(str(source))(ids)["logits"])
+    )
 
 
 def test_kaggle_download_error_is_wrapped(monkeypatch):
@@ -571,7 +575,9 @@ def test_tfhub_handle_loads(source, monkeypatch):
     model = load_llama("https://tfhub.dev/owner/model/1")
     assert calls == ["https://tfhub.dev/owner/model/1"]
     ids = _ids(4)
-    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(load_llama(str(source))(ids)))
+    np.testing.assert_array_equal(
+        np.asarray(model(ids)["logits"]), np.asarray(load_llama(str(source))(ids)["logits"])
+    )
 
 
 def test_tfhub_errors(monkeypatch):

@@ -8,7 +8,7 @@ PARITY_EXTRA = 'needs the parity extra: a CPU build of torch, then pip install -
 torch = pytest.importorskip("torch", reason=PARITY_EXTRA)
 transformers = pytest.importorskip("transformers", reason=PARITY_EXTRA)
 
-from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy, generate  # noqa: E402
+from toex_tf.inference import DecoderAdapter, ExitPolicy, generate  # noqa: E402
 from toex_tf.loaders import export_llama, load_llama  # noqa: E402
 
 # Non-default epsilon and theta: a loader that ignored either would fail the parity.
@@ -58,7 +58,7 @@ def test_full_mode_logits_match_transformers(checkpoint):
     directory, hf = checkpoint
     model = load_llama(directory)
     ids = _ids()
-    ours = np.asarray(model(ids))
+    ours = np.asarray(model(ids)["logits"])
     assert ours.shape == (2, 12, TINY["vocab_size"])
     assert np.max(np.abs(ours - _hf_logits(hf, ids))) <= 1e-4
     # The config came from config.json, not from defaults.
@@ -75,7 +75,7 @@ def test_bf16_checkpoint_loads_and_matches(tmp_path):
     # cast back with `.float()` would keep bf16-rounded RoPE frequencies).
     reread = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
     reference = _hf_logits(reread.eval(), ids)
-    assert np.max(np.abs(np.asarray(model(ids)) - reference)) <= 1e-4
+    assert np.max(np.abs(np.asarray(model(ids)["logits"]) - reference)) <= 1e-4
 
 
 def test_sharded_checkpoint_matches(tmp_path):
@@ -84,7 +84,7 @@ def test_sharded_checkpoint_matches(tmp_path):
     assert (tmp_path / "model.safetensors.index.json").exists()
     model = load_llama(str(tmp_path))
     ids = _ids(2)
-    assert np.max(np.abs(np.asarray(model(ids)) - _hf_logits(hf, ids))) <= 1e-4
+    assert np.max(np.abs(np.asarray(model(ids)["logits"]) - _hf_logits(hf, ids))) <= 1e-4
 
 
 def test_tied_embeddings_match(tmp_path):
@@ -93,7 +93,7 @@ def test_tied_embeddings_match(tmp_path):
     model = load_llama(str(tmp_path))
     assert model.llama_config.tie_embeddings
     ids = _ids(3)
-    assert np.max(np.abs(np.asarray(model(ids)) - _hf_logits(hf, ids))) <= 1e-4
+    assert np.max(np.abs(np.asarray(model(ids)["logits"]) - _hf_logits(hf, ids))) <= 1e-4
 
 
 def test_cached_greedy_decoding_matches_transformers_generate(checkpoint):

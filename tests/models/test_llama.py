@@ -4,10 +4,10 @@ import keras
 import numpy as np
 import pytest
 
-from toex_tf.inference import DecoderAdapter, ExitPolicy, decode_step, generate, prefill
-from toex_tf.inference.decoding import flush_lazy
+from toex_tf.calibration.routers import calibrate_routers, routed_fraction
+from toex_tf.inference import DecoderAdapter, ExitPolicy, decode_step, flush_lazy, generate, prefill
 from toex_tf.models import HierarchicalLlama, build_llama
-from toex_tf.training.llama_training import calibrate_routers, forward_exits, routed_fraction
+from toex_tf.training.llama_training import forward_exits
 
 RNG = np.random.default_rng(0)
 TOKENS = RNG.integers(0, 256, size=(2, 16)).astype("int32")
@@ -31,8 +31,9 @@ def _calibrate(model, capacity):
 
 def test_output_contract_without_and_with_exits():
     plain = build_llama("llama-tiny", exit_layers=(), capacity=1.0)
-    logits = plain(TOKENS)
-    assert tuple(logits.shape) == (2, 16, 256)
+    outputs = plain(TOKENS)
+    assert set(outputs) == {"logits", "exit_logits"} and len(outputs["exit_logits"]) == 1
+    assert tuple(outputs["logits"].shape) == (2, 16, 256)
     assert not plain.routers and not plain.gates
     model = _model()
     outputs = model(TOKENS)

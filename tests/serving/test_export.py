@@ -17,7 +17,7 @@ from toex_tf.export import (
     xla_ops,
 )
 from toex_tf.inference import DecoderAdapter, ExitPolicy, generate, pad_prompts
-from toex_tf.inference.quality import exit_logits
+from toex_tf.inference.teacher_forced import exit_logits
 from toex_tf.models import build_gpt, build_llama
 
 PROMPTS = [[5, 9, 2, 7, 11], [3, 8], [12, 4, 6]]

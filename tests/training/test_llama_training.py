@@ -3,15 +3,11 @@
 import numpy as np
 import pytest
 
+from toex_tf.analysis.quality import score_decoding
+from toex_tf.calibration.routers import exit_depth_threshold
 from toex_tf.inference import DecoderAdapter, ExitPolicy
-from toex_tf.inference.quality import score_decoding
 from toex_tf.models import build_llama
-from toex_tf.training.llama_training import (
-    LlamaPhaseTrainer,
-    capacity_schedule,
-    exit_depth_threshold,
-    train_phase,
-)
+from toex_tf.training.llama_training import LlamaPhaseTrainer, capacity_schedule, train_phase
 
 
 def _data(n=32, seq=16, vocab=256, seed=0):

@@ -11,8 +11,9 @@ so the quality is that of the `unfrozen` decoding mode (DESIGN.md §3).
 import numpy as np
 from keras import ops
 
-from toex_tf.analysis.flops import CostModel
-from toex_tf.layers.top_k_confidence_gate import CRITERIA, TopKConfidenceGate, validate_threshold
+from toex_tf.analysis.cost import CostModel
+from toex_tf.inference.criteria import CRITERIA, first_passing, validate_threshold
+from toex_tf.layers.top_k_confidence_gate import TopKConfidenceGate
 from toex_tf.models.gpt import with_exit_signals
 
 CONFIDENCE_SOURCES = ("cheap", "full")
@@ -44,7 +45,7 @@ def collect_exit_statistics(
             f"inputs and targets must be equal, non-empty 2-D arrays; got {inputs.shape} "
             f"and {targets.shape}."
         )
-    vocab = model.gpt_config.vocab_size
+    vocab = model.config.vocab_size
     if inputs.max() >= vocab or targets.max() >= vocab or min(inputs.min(), targets.min()) < 0:
         raise ValueError(f"token ids must be in [0, vocab_size={vocab}).")
     signal_model = with_exit_signals(model)
@@ -80,11 +81,10 @@ def collect_exit_statistics(
 def exit_indices(confidence: np.ndarray, threshold: float) -> np.ndarray:
     """Index of the first exit whose confidence passes `threshold`; the last otherwise.
 
-    Uses the same strict rule as `TopKConfidenceGate`: exit when `confidence > threshold`.
+    Args:
+        confidence: `(tokens, exits)`, the final exit last (its column is not read).
     """
-    passed = confidence > threshold
-    passed[:, -1] = True
-    return passed.argmax(axis=1)
+    return first_passing(confidence[:, :-1], threshold, axis=1)
 
 
 def quality(log_prob: np.ndarray, correct: np.ndarray) -> dict:

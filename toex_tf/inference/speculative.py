@@ -12,19 +12,13 @@ batch's smallest accepted length, which keeps every row exact.
 
 from keras import ops
 
-from toex_tf.inference.decoding import (
-    DecoderAdapter,
-    _block_call,
-    _embed,
-    _validate,
-    padding_state,
-    prefill,
-    write_time_slice,
-)
+from toex_tf.inference.modes import write_time_slice
+from toex_tf.inference.prompts import padding_state, validate_generation
+from toex_tf.inference.step import prefill
 
 
 def generate_speculative(
-    adapter: DecoderAdapter,
+    adapter,
     prompt,
     max_new_tokens: int,
     draft_layer: int,
@@ -55,7 +49,9 @@ def generate_speculative(
         )
     if isinstance(draft_length, bool) or not isinstance(draft_length, int) or draft_length < 1:
         raise ValueError(f"draft_length must be an int >= 1; got {draft_length!r}.")
-    prompt = _validate(adapter, prompt, max_new_tokens, "greedy", 1.0, 0, 1.0, padding_mask)
+    prompt = validate_generation(
+        adapter, prompt, max_new_tokens, "greedy", 1.0, 0, 1.0, padding_mask
+    )
     prompt = ops.cast(ops.convert_to_tensor(prompt), "int32")
     batch, prompt_length = ops.shape(prompt)[0], ops.shape(prompt)[1]
     num_layers = adapter.num_layers
@@ -83,10 +79,10 @@ def generate_speculative(
         drafts, states = [], []
         token = current
         for step in range(width):
-            hidden = _embed(adapter, token, position + step, padding)
+            hidden = adapter.embed(token, position + step, padding)
             for index in range(draft_layer):
-                hidden, caches[index] = _block_call(
-                    adapter, index, hidden, caches, position + step, padding
+                hidden, caches[index] = adapter.run_block(
+                    index, hidden, caches, position + step, padding
                 )
             states.append(hidden)
             token = ops.cast(ops.argmax(draft_block.exit_logits(hidden)[:, 0], -1), "int32")
@@ -95,7 +91,7 @@ def generate_speculative(
         drafts = ops.concatenate(drafts, axis=1)  # predictions for position + 1 ..
         hidden = ops.concatenate(states, axis=1)  # layer-k states of position ..
         for index in upper:
-            hidden, caches[index] = _block_call(adapter, index, hidden, caches, position, padding)
+            hidden, caches[index] = adapter.run_block(index, hidden, caches, position, padding)
         verified = ops.cast(ops.argmax(adapter.blocks[-1].exit_logits(hidden), -1), "int32")
         agree = ops.cast(ops.equal(drafts, verified), "int32")
         kept = ops.min(ops.sum(ops.cumprod(agree, axis=1), axis=1))  # batch-wide prefix

@@ -1,20 +1,8 @@
 """`TopKConfidenceGate`: a per-token exit decision from a confidence signal on logits."""
 
-import math
-
 import keras
-from keras import ops
 
-CRITERIA = ("max_prob", "margin", "entropy")
-
-
-def validate_threshold(threshold: float, name: str = "threshold") -> float:
-    """Returns `threshold` as a float, or raises when it is not a number in [0, 1]."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"{name} must be a float in [0, 1]; got {threshold!r}.")
-    if not 0.0 <= float(threshold) <= 1.0 or math.isnan(threshold):
-        raise ValueError(f"{name} must be in [0, 1]; got {threshold}.")
-    return float(threshold)
+from toex_tf.inference.criteria import CRITERIA, logit_confidence, passes, validate_threshold
 
 
 @keras.saving.register_keras_serializable(package="toex_tf")
@@ -83,17 +71,7 @@ class TopKConfidenceGate(keras.layers.Layer):
 
     def confidence(self, logits):
         """Float32 confidence in [0, 1] for each position of `logits`."""
-        logits = ops.cast(logits, "float32")
-        if self.criterion == "entropy":
-            log_probs = ops.log_softmax(logits, axis=-1)
-            entropy = -ops.sum(ops.exp(log_probs) * log_probs, axis=-1)
-            vocab = ops.cast(ops.shape(logits)[-1], "float32")
-            return ops.clip(1.0 - entropy / ops.log(vocab), 0.0, 1.0)
-        probs = ops.softmax(logits, axis=-1)
-        if self.criterion == "max_prob":
-            return ops.max(probs, axis=-1)
-        top2, _ = ops.top_k(probs, k=2)
-        return top2[..., 0] - top2[..., 1]
+        return logit_confidence(logits, self.criterion)
 
     def call(self, logits, threshold=None):
         if threshold is None:
@@ -101,7 +79,7 @@ class TopKConfidenceGate(keras.layers.Layer):
         elif isinstance(threshold, (int, float)):
             threshold = validate_threshold(threshold)
         confidence = self.confidence(logits)
-        exit_decision = ops.greater(confidence, threshold + self.confidence_margin)
+        exit_decision = passes(confidence, threshold + self.confidence_margin)
         return confidence, exit_decision
 
     def compute_output_spec(self, logits, threshold=None):

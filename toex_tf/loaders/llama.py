@@ -306,7 +306,7 @@ def weight_table(model) -> list[WeightSlot]:
     `kernel_layout="out_in"`); Keras `Dense` kernels (`"in_out"`) take the transpose.
     With `fused_qkv`, `q_proj`, `k_proj` and `v_proj` are row blocks of one kernel.
     """
-    config = model.llama_config
+    config = model.config
     transpose = config.kernel_layout == "in_out"
     embedding = model.token_embedding
     table = [WeightSlot("model.embed_tokens.weight", embedding.embeddings, False)]
@@ -365,7 +365,7 @@ def assign_hf_weights(model, tensors: dict, source: str = "checkpoint") -> None:
     table = weight_table(model)
     expected = {slot.key for slot in table}
     present = {key for key in tensors if not key.endswith(IGNORED_SUFFIXES)}
-    if model.llama_config.tie_embeddings:
+    if model.config.tie_embeddings:
         present.discard("lm_head.weight")  # some tied checkpoints store the copy
     missing = sorted(expected - present)
     if missing:
@@ -431,9 +431,8 @@ def load_llama(
             `gate_units`, ...).
 
     Returns:
-        The model, base frozen. With `exit_layers=()` and `capacity=1.0`,
-        `model(token_ids)` on int32 `(batch, seq)` returns the final logits
-        `(batch, seq, vocab)`.
+        The model, base frozen. `model(token_ids)` on int32 `(batch, seq)` returns
+        `{"logits": (batch, seq, vocab), "exit_logits": [...]}` (`AdaptiveModel`).
     """
     from toex_tf.models.llama import build_llama  # noqa: PLC0415 - models import loaders
 
@@ -503,7 +502,7 @@ def export_llama(model, directory: str, dtype: str = "float32") -> str:
 
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"dtype must be float32, float16 or bfloat16; got {dtype!r}.")
-    config = model.llama_config
+    config = model.config
     os.makedirs(directory, exist_ok=True)
     tensors = {}
     arrays = {}  # id(variable) -> float32 array: a fused kernel is read once

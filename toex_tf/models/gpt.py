@@ -11,17 +11,19 @@ from toex_tf.layers import (
     TopKConfidenceGate,
     TransformerBlock,
 )
+from toex_tf.models.base import AdaptiveModel
 
 
 @keras.saving.register_keras_serializable(package="toex_tf")
-class EarlyExitGPT(keras.Model):
+class EarlyExitGPT(AdaptiveModel, keras.Model):
     """GPT-2-style decoder whose blocks may carry exit heads.
 
     A Functional model (KerasHub's backbone pattern): the constructor lays out the graph
     from plain arguments, `get_config` returns those arguments, and `.keras` files
     rebuild it with the output embedding shared across exits.
 
-    Outputs: a dict whose `"exit_logits"` is a list of logits `(batch, seq, vocab)`,
+    Outputs (the `AdaptiveModel` contract): a dict with `"logits"`, the final layer's
+    `(batch, seq, vocab)`, and `"exit_logits"`, a list of logits `(batch, seq, vocab)`,
     one per exit layer in ascending order; the last is the final layer. With
     `exit_signals=True` it also has `"cheap_logits"`, the cheap head of
     `LightweightOutputEmbedding` at each exit, used by the exit evaluation.
@@ -142,33 +144,27 @@ class EarlyExitGPT(keras.Model):
                 x, logits = block(x)
             exit_logits.append(logits)
         # A dict, so that a single exit (the baseline) is still a list of one.
-        outputs = {"exit_logits": exit_logits}
+        outputs = {"logits": exit_logits[-1], "exit_logits": exit_logits}
         if exit_signals:
             outputs["cheap_logits"] = cheap_logits
         super().__init__(inputs=token_ids, outputs=outputs, **kwargs)
-        self.gpt_config = config
+        self.config = config
         self.exit_signals = exit_signals
         self.seed = seed
 
     @property
-    def exit_layers(self) -> tuple[int, ...]:
-        """1-based numbers of the layers that carry an exit, ascending."""
-        return self.gpt_config.exit_layers
+    def gpt_config(self) -> GPTConfig:
+        """The config (`config`; the name earlier versions used)."""
+        return self.config
 
-    @property
-    def num_layers(self) -> int:
-        return self.gpt_config.num_layers
-
-    @property
-    def token_embedding(self) -> LightweightOutputEmbedding:
-        return self.get_layer("token_embedding")
-
-    @property
-    def blocks(self) -> list[EarlyExitBlock]:
-        return [self.get_layer(f"block_{i}") for i in range(1, self.num_layers + 1)]
+    def embed_tokens(self, token_ids, start_index=0, position_ids=None):
+        """Token plus learned position embeddings (`AdaptiveModel`)."""
+        embedded = self.token_embedding(token_ids, mode="embed")
+        positions = self.get_layer("position_embedding")
+        return positions(embedded, start_index=start_index, position_ids=position_ids)
 
     def get_config(self):
-        config = self.gpt_config.to_dict()
+        config = self.config.to_dict()
         config["exit_layers"] = list(config["exit_layers"])
         return {
             "name": self.name,
@@ -217,7 +213,7 @@ def add_learned_gates(model: EarlyExitGPT, hidden_units: int = 0) -> EarlyExitGP
     """
     if not isinstance(model, EarlyExitGPT):
         raise TypeError(f"model must be an EarlyExitGPT; got {type(model).__name__}.")
-    if model.gpt_config.learned_gates:
+    if model.config.learned_gates:
         raise ValueError(f"model {model.name!r} already has learned gates.")
     if len(model.exit_layers) < 2:
         raise ValueError(

@@ -10,13 +10,14 @@ from toex_tf.layers import (
     SkipRouter,
     TransformerBlock,
 )
+from toex_tf.models.base import AdaptiveModel
 
 # What each training phase trains; the pretrained base is frozen in all but "base".
 PHASES = ("base", "routers", "exits", "full", "frozen")
 
 
 @keras.saving.register_keras_serializable(package="toex_tf")
-class HierarchicalLlama(keras.Model):
+class HierarchicalLlama(AdaptiveModel, keras.Model):
     """Llama with two-dimensional adaptive computation.
 
     - Vertical: exits at a few layers (default 4, 8, 12, 16 and 19 of 22). Each exit has
@@ -31,9 +32,9 @@ class HierarchicalLlama(keras.Model):
     Llama numerics: `toex_tf.loaders.load_llama` imports checkpoints, with parity
     against `transformers`). The base weights start frozen (`set_phase`).
 
-    Outputs: with no exit but the final one, the final-layer logits `(batch, seq,
-    vocab)`. With exits, a dict: `"logits"` (the final layer's) and `"exit_logits"`, a
-    list of logits per exit layer in ascending order, the final one last.
+    Outputs (the `AdaptiveModel` contract): a dict, `"logits"` (the final layer's) and
+    `"exit_logits"`, a list of logits per exit layer in ascending order, the final one
+    last (a list of one without exits).
 
     Args:
         the fields of `toex_tf.config.LlamaConfig`.
@@ -165,39 +166,20 @@ class HierarchicalLlama(keras.Model):
                 exit_logits.append(logits)
             else:
                 x = block(x)
-        outputs = exit_logits[-1]
-        if len(exit_logits) > 1:
-            outputs = {"logits": exit_logits[-1], "exit_logits": exit_logits}
+        outputs = {"logits": exit_logits[-1], "exit_logits": exit_logits}
         super().__init__(inputs=token_ids, outputs=outputs, dtype=dtype, **kwargs)
-        self.llama_config = config
+        self.config = config
         self.set_phase("frozen")
 
     @property
-    def exit_layers(self) -> tuple[int, ...]:
-        """1-based numbers of the layers that carry an exit, ascending (final included)."""
-        return self.llama_config.exit_layers
+    def llama_config(self) -> LlamaConfig:
+        """The config (`config`; the name earlier versions used)."""
+        return self.config
 
-    @property
-    def num_layers(self) -> int:
-        return self.llama_config.num_layers
-
-    @property
-    def token_embedding(self) -> LightweightOutputEmbedding:
-        return self.get_layer("token_embedding")
-
-    @property
-    def blocks(self) -> list[EarlyExitBlock]:
-        return [self.get_layer(f"block_{i}") for i in range(1, self.num_layers + 1)]
-
-    @property
-    def routers(self) -> list[SkipRouter]:
-        """The FFN skip routers, one per layer (empty at capacity 1.0)."""
-        return [block.block.ffn for block in self.blocks if isinstance(block.block.ffn, SkipRouter)]
-
-    @property
-    def gates(self) -> list[GumbelExitGate]:
-        """The exit gates of the non-final exits, in layer order."""
-        return [block.learned_gate for block in self.blocks if block.learned_gate is not None]
+    def embed_tokens(self, token_ids, start_index=0, position_ids=None):
+        """Token embeddings (`AdaptiveModel`). RoPE is applied inside attention and is
+        relative, so positions (and a left-padded row's shift) need nothing here."""
+        return self.token_embedding(token_ids, mode="embed")
 
     def set_phase(self, phase: str) -> None:
         """Sets what trains (`layer.trainable`) for a training phase.
@@ -240,7 +222,7 @@ class HierarchicalLlama(keras.Model):
                 block.learned_gate.trainable = phase in ("exits", "full")
 
     def get_config(self):
-        return {"name": self.name, "trainable": self.trainable, **self.llama_config.to_dict()}
+        return {"name": self.name, "trainable": self.trainable, **self.config.to_dict()}
 
     @classmethod
     def from_config(cls, config):

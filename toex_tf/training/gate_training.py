@@ -15,6 +15,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from toex_tf.inference.criteria import passes
+
 
 def binary_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """ROC AUC from the rank statistic (Mann-Whitney U), ties counted half.
@@ -156,7 +158,7 @@ def gate_metrics(gate, features: np.ndarray, labels: np.ndarray) -> dict:
     confidence = ops.convert_to_numpy(gate(np.asarray(features, dtype="float32")))
     return {
         "positive_rate": float(labels.mean()),
-        "accuracy": float(((confidence > 0.5) == labels).mean()),
+        "accuracy": float((passes(confidence, 0.5) == labels).mean()),
         "auc": binary_auc(confidence, labels),
         "tokens": int(labels.size),
     }

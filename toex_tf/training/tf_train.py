@@ -76,6 +76,7 @@ def train(
     token_counts: np.ndarray | None = None,
     callbacks=(),
     verbose: int | str = "auto",
+    initial_model: EarlyExitGPT | None = None,
 ) -> EarlyExitGPT:
     """Trains (or resumes training of) an early-exit GPT.
 
@@ -88,6 +89,9 @@ def train(
         token_counts: optional corpus token counts; sets the exit shortlist.
         callbacks: extra Keras callbacks.
         verbose: `fit` verbosity.
+        initial_model: None, or a model whose weights training starts from (fine-tuning;
+            `model_config` must be its config). A checkpoint in `output_dir` still wins:
+            resuming restores it.
 
     Returns:
         The trained model (outside any distribution scope's concerns: weights are
@@ -117,6 +121,13 @@ def train(
     strategy = make_strategy(train_config.strategy)
     with strategy.scope():
         model = EarlyExitGPT(**model_config.to_dict(), seed=train_config.seed)
+        if initial_model is not None:
+            if initial_model.config != model_config:
+                raise ValueError(
+                    f"initial_model's config {initial_model.config} differs from model_config "
+                    f"{model_config}."
+                )
+            model.set_weights(initial_model.get_weights())
         if token_counts is not None and model_config.output_embedding_mode == "shortlist":
             model.token_embedding.set_shortlist_from_counts(token_counts)
         weights = exit_loss_weights(

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy, generate
+from toex_tf.inference import DecoderAdapter, ExitPolicy, generate
 
 METHODS = ("empirical", "ltt")
 # From most conservative (1.0: never exit) to least (0.0: exit at the first exit).
@@ -286,7 +286,7 @@ def calibrate_threshold(
     step. See the module docstring for the two selection methods.
 
     Args:
-        adapter: the model (`DecoderAdapter.from_gpt(model)`).
+        adapter: the model (`DecoderAdapter(model)`).
         prompts: int `(num_prompts, prompt_length)` token ids; at least one row.
         max_new_tokens: int > 0, tokens generated per prompt.
         policy: the exit policy to calibrate (any mode but `"full"`); only its
@@ -310,7 +310,7 @@ def calibrate_threshold(
         A `Calibration`.
 
     Example:
-        >>> adapter = DecoderAdapter.from_gpt(build_gpt("tiny"))
+        >>> adapter = DecoderAdapter(build_gpt("tiny"))
         >>> prompts = np.zeros((4, 3), "int32")
         >>> calibration = calibrate_threshold(
         ...     adapter, prompts, 4, ExitPolicy("lazy", "max_prob"), thresholds=[0.0, 0.5]

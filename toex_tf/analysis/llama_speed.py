@@ -2,147 +2,19 @@
 
 Full depth is the same model with every FFN run (`routing="all"`) and no exit, timed
 alternately with each setting in the same process (`time_pair`). Counted cost: MACs per
-token from `LlamaCost`, with the routed share of FFNs measured on the generated tokens
+token from `RoutedCost`, with the routed share of FFNs measured on the generated tokens
 (teacher-forced, causal routing: the decisions the decode loop made).
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
-from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy
-from toex_tf.inference.timing import compile_generate, speed_row, time_pair, time_run
-from toex_tf.training.llama_training import calibrate_routers, exit_depth_threshold, routed_fraction
-
-
-@dataclass(frozen=True)
-class LlamaCost:
-    """MACs per decoded token of the parts of a Llama layer (DESIGN.md §4).
-
-    Attributes:
-        projections: Q, K, V and O projections of one layer.
-        attention: scores and weighted sum over the average context.
-        ffn: the SwiGLU FFN (gate, up, down).
-        router: the causal predictor of a `SkipRouter` (0 without routers).
-        kv: the K and V projections alone (frozen mode pays them for skipped layers).
-        head: the full LM head, paid once per token.
-        gate: one exit gate check (a linear probe on the hidden state).
-        num_layers: depth.
-    """
-
-    projections: float
-    attention: float
-    ffn: float
-    router: float
-    kv: float
-    head: float
-    gate: float
-    num_layers: int
-
-    @classmethod
-    def for_llama(cls, model, context_length: float) -> "LlamaCost":
-        config = model.llama_config
-        d, heads, kv_heads, head_dim = (
-            config.hidden_dim,
-            config.num_heads,
-            config.num_kv_heads,
-            config.head_dim,
-        )
-        kv = 2 * d * kv_heads * head_dim
-        router = 0.0
-        if config.capacity < 1.0:
-            router = d * config.router_hidden_dim + config.router_hidden_dim
-        return cls(
-            projections=float(2 * d * heads * head_dim + kv),
-            attention=float(2 * context_length * heads * head_dim),
-            ffn=float(3 * d * config.intermediate_dim),
-            router=float(router),
-            kv=float(kv),
-            head=float(config.vocab_size * d),
-            gate=float(d * (config.gate_units or 1)),
-            num_layers=config.num_layers,
-        )
-
-    @property
-    def full_depth(self) -> float:
-        """Every layer, every FFN, no router, no check: the baseline."""
-        return self.num_layers * (self.projections + self.attention + self.ffn) + self.head
-
-    def cost(self, routed: float, avg_layers: float, checks: float, frozen: bool) -> float:
-        """MACs per token: `avg_layers` layers whose FFN runs for a `routed` share,
-        `checks` gate checks, and (frozen mode) K/V of the skipped layers."""
-        layer = self.projections + self.attention + routed * self.ffn + self.router
-        skipped = (self.num_layers - avg_layers) * self.kv if frozen else 0.0
-        return avg_layers * layer + checks * self.gate + skipped + self.head
-
-    def ffn_share(self) -> float:
-        """The FFN's share of one layer (79% on TinyLlama)."""
-        return self.ffn / (self.projections + self.attention + self.ffn)
-
-
-def match_capacity_on_decode(
-    model, run, prompt, calibration, target, iterations: int = 6
-) -> tuple[float, float]:
-    """Bisects the calibration capacity until the routed share of the *generated* tokens
-    (greedy, teacher-forced recount of the decode's own decisions) is near `target`.
-
-    Args:
-        run: a compiled generate (`compile_generate`) of the routed model; the router
-            thresholds are variables, so it reads each trial's without recompiling.
-
-    Returns:
-        `(calibration_capacity, realized_share)` of the closest trial (thresholds set).
-    """
-    low, high, capacity = 0.01, 1.0, target
-    best = None
-    for _ in range(iterations):
-        calibrate_routers(model, calibration, capacity)
-        sequence = np.concatenate([prompt, np.asarray(run(prompt)[0])], axis=1)
-        realized = routed_fraction(model, sequence, start=prompt.shape[1])
-        if best is None or abs(realized - target) < abs(best[1] - target):
-            best = (capacity, realized)
-        if realized < target:
-            low = capacity
-        else:
-            high = capacity
-        capacity = (low + high) / 2
-    calibrate_routers(model, calibration, best[0])
-    return best
-
-
-def match_exit_depth_on_decode(model, run, prompt, target, iterations: int = 8):
-    """Shifts every exit gate's bias until the decode's average layers per step is near
-    `target`; `run` decodes with the `learned` criterion at threshold 0.5.
-
-    A common bias shift `b` at threshold 0.5 is the threshold `sigmoid(-b)` on the
-    unshifted gates (the exit test is `logit + b > 0`). The biases are variables, so the
-    compiled `run` needs no retrace per trial (a threshold is a compile-time constant).
-
-    Returns:
-        `(equivalent_threshold, realized_layers)` of the closest trial (biases left
-        shifted by it).
-    """
-    original = [np.asarray(gate.bias).copy() for gate in model.gates]
-    low, high, shift, best = -30.0, 30.0, 0.0, None
-
-    def apply(value):
-        for gate, bias in zip(model.gates, original, strict=True):
-            gate.bias.assign(bias + value)
-
-    for _ in range(iterations):
-        apply(shift)
-        state = run(prompt)[2]
-        layers = float(state["layers_run"]) / max(float(state["steps"]), 1.0)
-        if best is None or abs(layers - target) < abs(best[1] - target):
-            best = (shift, layers)
-        if layers > target:  # too deep: open the gates more
-            low = shift
-        else:
-            high = shift
-        shift = (low + high) / 2
-    apply(best[0])
-    return float(1.0 / (1.0 + np.exp(best[0]))), best[1]
+from toex_tf.analysis.cost import RoutedCost
+from toex_tf.analysis.speed import compile_generate, speed_row, time_pair, time_run
+from toex_tf.calibration.capacity import match_capacity_on_decode, match_exit_depth_on_decode
+from toex_tf.calibration.routers import calibrate_routers, exit_depth_threshold, routed_fraction
+from toex_tf.inference import DecoderAdapter, ExitPolicy
 
 
 def _checks(exit_layers, avg_layers):
@@ -192,9 +64,9 @@ def measure_llama_speed(
     prompt = np.asarray(prompt, "int32")
     batch, prompt_length = prompt.shape
     length = max_length or prompt_length + new_tokens
-    full_adapter = DecoderAdapter.from_llama(model, length, routing="all")
-    adapter = DecoderAdapter.from_llama(model, length)
-    cost = LlamaCost.for_llama(model, prompt_length + new_tokens / 2)
+    full_adapter = DecoderAdapter(model, length, routing="all")
+    adapter = DecoderAdapter(model, length)
+    cost = RoutedCost.for_model(model, prompt_length + new_tokens / 2)
     full_run = compile_generate(full_adapter, new_tokens, ExitPolicy("full"), jit_compile)
     full_seconds, full_out = time_run(full_run, prompt, repeats)
     if calibration is None:

@@ -18,9 +18,10 @@ from collections.abc import Callable, Mapping, Sequence
 import keras
 import numpy as np
 
-from toex_tf.analysis.flops import CostModel
-from toex_tf.inference.decoding import DecoderAdapter, ExitPolicy, generate
-from toex_tf.inference.speculative import generate_speculative
+from toex_tf.analysis.cost import CostModel
+from toex_tf.inference.adapter import DecoderAdapter
+from toex_tf.inference.compiled import compiled_generate, compiled_speculative
+from toex_tf.inference.policy import ExitPolicy
 
 ROW_FIELDS = (
     "batch",
@@ -44,30 +45,13 @@ def device_name() -> str:
     return f"{platform.machine()} CPU x{os.cpu_count()}"
 
 
-def _compiled(run_fn: Callable, jit_compile: bool = False) -> Callable:
-    """`run_fn` compiled for the backend; the result returns NumPy (so it is synchronous).
-
-    On TensorFlow, `jit_compile=True` compiles the graph with XLA as well (on a 2-core
-    CPU it ran the quickstart model's full-depth step about 6x faster than the plain
-    graph, but each data-dependent branch costs more there); JAX always uses XLA.
-    """
-    if keras.backend.backend() == "jax":
-        import jax  # noqa: PLC0415
-
-        run = jax.jit(run_fn)
-        return lambda prompt: jax.block_until_ready(run(prompt))
-    import tensorflow as tf  # noqa: PLC0415
-
-    run = tf.function(run_fn, jit_compile=jit_compile)
-    return lambda prompt: keras.tree.map_structure(np.asarray, run(prompt))
-
-
 def compile_generate(
     adapter: DecoderAdapter, new_tokens: int, policy: ExitPolicy, jit_compile: bool = False
 ) -> Callable:
-    """A compiled `(prompt) -> (tokens, exit_layers, state)` for one policy (greedy)."""
-    return _compiled(
-        lambda p: generate(adapter, p, new_tokens, policy, return_state=True), jit_compile
+    """A compiled `(prompt) -> (tokens, exit_layers, state)` for one policy (greedy),
+    returning NumPy (so a call is synchronous)."""
+    return compiled_generate(
+        adapter, new_tokens, policy, jit_compile, numpy_outputs=True, return_state=True
     )
 
 
@@ -79,11 +63,8 @@ def compile_speculative(
     jit_compile: bool = False,
 ) -> Callable:
     """A compiled speculative `(prompt) -> (tokens, exit_layers, state)` (LayerSkip)."""
-    return _compiled(
-        lambda p: generate_speculative(
-            adapter, p, new_tokens, draft_layer, draft_length, return_state=True
-        ),
-        jit_compile,
+    return compiled_speculative(
+        adapter, new_tokens, draft_layer, draft_length, jit_compile, True, return_state=True
     )
 
 
@@ -255,8 +236,8 @@ def measure_decode_speed(
         raise ValueError(f"repeats must be an int > 0; got {repeats!r}.")
     if not prompts_by_batch:
         raise ValueError("prompts_by_batch must hold at least one batch; got none.")
-    adapter = DecoderAdapter.from_gpt(model)
-    config = model.gpt_config
+    adapter = DecoderAdapter(model)
+    config = model.config
     full_policy = ExitPolicy("full")
     rows = []
     for batch, prompt in prompts_by_batch.items():

@@ -1,0 +1,107 @@
+"""Calibrating a model's learned decision layers on sample text: the decode-time
+thresholds of the FFN skip routers (`calibrate_routers`), the share they route
+(`routed_fraction`), and the exit-gate threshold for a target depth
+(`exit_depth_threshold`)."""
+
+import math
+
+import numpy as np
+from keras import ops
+
+from toex_tf.inference.criteria import first_passing
+from toex_tf.training.llama_training import forward_exits
+
+
+def _batches(token_ids, batch_size):
+    token_ids = np.asarray(token_ids, "int32")
+    if token_ids.ndim != 2 or token_ids.shape[0] == 0 or token_ids.shape[1] == 0:
+        raise ValueError(
+            f"token_ids must be a non-empty (batch, seq) array; got {token_ids.shape}."
+        )
+    for start in range(0, len(token_ids), batch_size):
+        yield token_ids[start : start + batch_size]
+
+
+def calibrate_routers(model, token_ids, capacity=None, batch_size: int = 8) -> list[float]:
+    """Sets every router's decode-time `predictor_threshold` so that a `capacity` share
+    of the calibration tokens runs its FFN.
+
+    Layer by layer: a layer's threshold is set before the next layer's inputs are
+    computed, so each layer is calibrated on the inputs it sees at decode time (with
+    the earlier layers routing causally).
+
+    Args:
+        model: a `HierarchicalLlama` with routers.
+        token_ids: int `(n, seq)` calibration windows.
+        capacity: float in (0, 1] or None (each router's training capacity).
+        batch_size: windows per forward pass.
+
+    Returns:
+        The thresholds, one per layer.
+    """
+    routers = model.routers
+    if not routers:
+        raise ValueError("the model has no routers (capacity=1.0): nothing to calibrate.")
+    batches = list(_batches(token_ids, batch_size))
+    hidden = [model.token_embedding(ops.convert_to_tensor(b), mode="embed") for b in batches]
+    thresholds = []
+    for block in model.blocks:
+        transformer = block.block
+        normed = []
+        for index, state in enumerate(hidden):
+            state = state + transformer.self_attention(transformer.attention_norm(state))
+            hidden[index] = state
+            normed.append(transformer.ffn_norm(state))
+        router = transformer.ffn
+        logits = np.concatenate([np.asarray(router.predictor_logits(x)).ravel() for x in normed])
+        thresholds.append(router.calibrate_predictor_threshold(logits, capacity))
+        for index, x in enumerate(normed):
+            hidden[index] = hidden[index] + router(x, routing="predictor")
+    return thresholds
+
+
+def routed_fraction(model, token_ids, batch_size: int = 8, start: int = 0) -> float:
+    """The share of (token, layer) pairs whose FFN runs under causal (decode) routing,
+    counting positions from `start` on (for example the generated ones only)."""
+    routed, total = 0, 0
+    for batch in _batches(token_ids, batch_size):
+        inputs = []
+        forward_exits(model, batch, routing="predictor", router_inputs=inputs)
+        for router, x in zip(model.routers, inputs, strict=True):
+            decisions = np.asarray(router.predictor_route(x))[:, start:]
+            routed += int(decisions.sum())
+            total += decisions.size
+    if total == 0:
+        raise ValueError("the model has no routers (capacity=1.0).")
+    return routed / total
+
+
+def exit_depth_threshold(model, token_ids, target_layer: float, batch_size: int = 8) -> float:
+    """The gate threshold whose first-passing-exit depth averages `target_layer` on
+    these tokens (teacher-forced, causal routing): a bisection over [0, 1]."""
+    if not model.gates:
+        raise ValueError("the model has no exit gates.")
+    if not 1 <= target_layer <= model.num_layers:
+        raise ValueError(f"target_layer must be in [1, {model.num_layers}]; got {target_layer}.")
+    confidences = []
+    for batch in _batches(token_ids, batch_size):
+        states = forward_exits(model, batch, routing="predictor")["normed"][:-1]
+        confidences.append(
+            np.stack([np.asarray(g(s)) for g, s in zip(model.gates, states, strict=True)])
+        )
+    confidence = np.concatenate([c.reshape(c.shape[0], -1) for c in confidences], axis=1)
+    layers = np.asarray(model.exit_layers[:-1], "float64")
+
+    depths = np.append(layers, float(model.num_layers))
+
+    def depth(threshold):
+        return float(depths[first_passing(confidence, threshold)].mean())
+
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        if depth(middle) < target_layer:
+            low = middle
+        else:
+            high = middle
+    return float(high if math.isfinite(high) else 1.0)

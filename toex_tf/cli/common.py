@@ -1,0 +1,98 @@
+"""What every command shares: the model a run reads (`--init_from`), its data, its logs."""
+
+import datetime
+import json
+import os
+
+from toex_tf.cli.flags import FLAGS, flag_values, llama_exit_layers
+
+
+def write_json(path: str, record: dict) -> None:
+    """Writes `record` to `path` through a temporary file (never half a file)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2, ensure_ascii=False)
+    os.replace(path + ".tmp", path)
+
+
+def append_to_config_log(**outcome) -> None:
+    """One JSON line per run in OUTPUT_DIR/config_log.jsonl: time, every flag, the outcome."""
+    entry = {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "flags": flag_values(),
+        **outcome,
+    }
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    with open(os.path.join(FLAGS.output_dir, "config_log.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry, default=str) + "\n")
+
+
+def model_source() -> str:
+    """`--init_from`, or the run's own directory (OUTPUT_DIR/model.keras)."""
+    return FLAGS.init_from or FLAGS.output_dir
+
+
+def load_run_model(policy=None):
+    """The model this run reads, with its tokenizer, as an `AdaptiveLM` (either family).
+
+    `--init_from` (a run directory, a `.keras` file, a checkpoint or a handle) or
+    OUTPUT_DIR. A Llama checkpoint gets the exits of `--llama_exit_layers` and the
+    routers of `--capacity`; a `.keras` model keeps its own.
+    """
+    from toex_tf.api import load, source_kind  # noqa: PLC0415 - TensorFlow after the flags
+
+    source = model_source()
+    if not FLAGS.init_from and not os.path.isfile(os.path.join(source, "model.keras")):
+        raise ValueError(
+            f"no model at {os.path.join(source, 'model.keras')!r}: --mode={FLAGS.mode} needs "
+            "--init_from (a run directory, .keras file, checkpoint or handle) or a model "
+            "trained into OUTPUT_DIR (--mode=train)."
+        )
+    found = source_kind(source)
+    if found is None:
+        raise ValueError(
+            f"no model at --init_from={source!r}: expected a run directory with model.keras, "
+            "a .keras file or a checkpoint directory with config.json."
+        )
+    kind = found[0]
+    options = {}
+    if kind == "checkpoint":
+        options = {"exit_layers": llama_exit_layers(), "capacity": FLAGS.capacity}
+    return load(source, policy=policy, **options)
+
+
+def prepared_data(tokenizer=None):
+    """The run's corpus, split and cut into windows (`toex_tf.data.prepared`).
+
+    The tokenizer is the model's when it has one (so ids match it), else the one in
+    OUTPUT_DIR/tokenizer, else a new one trained on the training split.
+    """
+    from toex_tf.cli.flags import data_config  # noqa: PLC0415
+    from toex_tf.data.prepared import prepare_data  # noqa: PLC0415
+
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    return prepare_data(
+        data_config(), FLAGS.seq_len, FLAGS.output_dir, seed=FLAGS.seed, tokenizer=tokenizer
+    )
+
+
+def held_out(tokenizer, count: int, length: int):
+    """`count` held-out prompts of `length` tokens (`toex_tf.data.prepared`)."""
+    from toex_tf.cli.flags import data_config  # noqa: PLC0415
+    from toex_tf.data.prepared import held_out_prompts  # noqa: PLC0415
+
+    return held_out_prompts(data_config(), tokenizer, count, length, seed=FLAGS.seed)
+
+
+def model_record(model) -> dict:
+    """The model's config and size, for a result file."""
+    return {**model.config.to_dict(), "parameters": model.count_params()}
+
+
+def check_fits(model, prompt_length: int, new_tokens: int, new_tokens_flag: str) -> None:
+    """Raises when `--prompt_length` plus the new tokens exceed the model's length."""
+    if prompt_length + new_tokens > model.max_length:
+        raise ValueError(
+            f"--prompt_length={prompt_length} + --{new_tokens_flag}={new_tokens} exceeds the "
+            f"model's max_length={model.max_length}."
+        )

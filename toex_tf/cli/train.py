@@ -1,0 +1,103 @@
+"""`--mode=train` (and `train_and_eval`): train a model of either family, save it.
+
+- GPT: the early-exit GPT of `--preset`, or the model of `--init_from` trained further,
+  with the joint exit loss, distillation, checkpoints (exact resume) and TensorBoard.
+- Llama: one `--phase`: `base` pretrains the `--llama_preset` from scratch; `routers`,
+  `exits` and `full` train on the frozen base of `--init_from` (default OUTPUT_DIR).
+
+Writes OUTPUT_DIR/model.keras and OUTPUT_DIR/tokenizer (a Llama base also `hf/`).
+"""
+
+import dataclasses
+import json
+import os
+
+from toex_tf.cli import evaluate
+from toex_tf.cli.common import append_to_config_log, load_run_model, prepared_data
+from toex_tf.cli.flags import FLAGS, gpt_overrides, train_config
+from toex_tf.config import gpt_preset
+
+
+def run() -> dict:
+    outcome = _train_llama() if FLAGS.model == "llama" else _train_gpt()
+    if FLAGS.mode == "train_and_eval":
+        outcome["results"] = evaluate.evaluate()
+    append_to_config_log(**outcome)
+    return outcome
+
+
+def _train_gpt() -> dict:
+    from toex_tf.models.saving import save_model_atomically  # noqa: PLC0415
+    from toex_tf.training.tf_train import train  # noqa: PLC0415 - TensorFlow
+
+    # The model settings are checked before the (slower) data preparation.
+    model_config = gpt_preset(
+        FLAGS.preset,
+        **gpt_overrides(),
+        exit_layers=FLAGS.exit_layers,
+        output_embedding_mode=FLAGS.output_embedding,
+        dropout=FLAGS.dropout,
+        layer_dropout=FLAGS.layer_dropout,
+        capacity=FLAGS.capacity,
+    )
+    initial, tokenizer = None, None
+    if FLAGS.init_from:
+        lm = load_run_model()
+        initial, tokenizer = lm.model, lm.tokenizer
+        model_config = initial.config
+    prepared = prepared_data(tokenizer)
+    if initial is None:  # the vocabulary comes from the tokenizer
+        model_config = dataclasses.replace(model_config, vocab_size=prepared.tokenizer.vocab_size)
+    model = train(
+        model_config,
+        train_config(),
+        prepared.train_inputs,
+        prepared.train_targets,
+        FLAGS.output_dir,
+        token_counts=None if initial is not None else prepared.token_counts,
+        initial_model=initial,
+    )
+    path = os.path.join(FLAGS.output_dir, "model.keras")
+    save_model_atomically(model, path)
+    print(f"Saved {path} ({model.count_params():,} parameters).")
+    return {}
+
+
+def _train_llama() -> dict:
+    from toex_tf.models.llama import build_llama  # noqa: PLC0415
+    from toex_tf.training.llama_phases import run_phase  # noqa: PLC0415 - TensorFlow
+
+    phase = FLAGS.phase
+    if phase == "base":
+        if FLAGS.init_from:
+            raise ValueError("--phase=base trains from scratch; drop --init_from.")
+        prepared = prepared_data()
+        model = build_llama(
+            FLAGS.llama_preset,
+            vocab_size=prepared.tokenizer.vocab_size,
+            exit_layers=(),
+            capacity=1.0,
+        )
+    else:
+        lm = load_run_model()
+        model = lm.model
+        prepared = prepared_data(lm.tokenizer)
+        if model.vocab_size != prepared.tokenizer.vocab_size:
+            raise ValueError(
+                f"the model's vocabulary ({model.vocab_size}) does not match the tokenizer's "
+                f"({prepared.tokenizer.vocab_size}): use the tokenizer the base was trained with."
+            )
+    logs = run_phase(
+        model,
+        phase,
+        prepared,
+        FLAGS.output_dir,
+        FLAGS.train_steps,
+        FLAGS.batch_size,
+        FLAGS.learning_rate,
+        capacity_start=FLAGS.capacity_start,
+        seed=FLAGS.seed,
+        compute_weight=FLAGS.compute_weight,
+    )
+    print(f"phase {phase}: {json.dumps({k: v for k, v in logs.items() if k != 'schedule'})}")
+    return {"logs": logs}

@@ -1,0 +1,69 @@
+"""One training phase of a `HierarchicalLlama`, end to end: train, calibrate the routers'
+decode thresholds, set the shortlist, save (and export the base as a HF checkpoint)."""
+
+import os
+
+from toex_tf.calibration.routers import calibrate_routers
+from toex_tf.loaders import export_llama
+from toex_tf.models.saving import save_model_atomically
+from toex_tf.training.llama_training import train_phase
+
+
+def run_phase(
+    model,
+    phase: str,
+    data,
+    output_dir: str,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    capacity_start: float | None = 0.9,
+    max_windows: int | None = None,
+    seed: int = 0,
+    **loss_weights,
+) -> dict:
+    """Trains one phase of `model` and saves `output_dir/model.keras` (and, after the
+    `base` phase, a Hugging Face checkpoint in `output_dir/hf` with the tokenizer).
+
+    Args:
+        model: a `HierarchicalLlama`.
+        phase: `base`, `routers`, `exits` or `full` (`train_phase`).
+        data: `toex_tf.data.prepared.PreparedData` (windows, tokenizer, token counts).
+
+    Returns:
+        The phase's logs (`train_phase`).
+    """
+    inputs, targets = data.train_inputs, data.train_targets
+    if max_windows:
+        inputs, targets = inputs[:max_windows], targets[:max_windows]
+    logs = train_phase(
+        model,
+        inputs,
+        targets,
+        phase,
+        steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        capacity_start=capacity_start,
+        seed=seed,
+        verbose=2,
+        **loss_weights,
+    )
+    if model.routers:
+        # Decode-time thresholds: the trained capacity's share of training tokens routes.
+        calibrate_routers(model, inputs[:64], None)
+    if model.config.output_embedding_mode == "shortlist":
+        model.token_embedding.set_shortlist_from_counts(data.token_counts)
+    os.makedirs(output_dir, exist_ok=True)
+    save_model_atomically(model, os.path.join(output_dir, "model.keras"))
+    if phase == "base":
+        hf_dir = export_llama(model, os.path.join(output_dir, "hf"))
+        data.tokenizer.save(os.path.join(hf_dir, "toex_tokenizer"))
+        model_file = getattr(data.tokenizer, "model_file", None)
+        if model_file:  # a SentencePiece model: where load_llama looks for it
+            with (
+                open(model_file, "rb") as src,
+                open(os.path.join(hf_dir, "tokenizer.model"), "wb") as dst,
+            ):
+                dst.write(src.read())
+    return logs
