@@ -99,9 +99,7 @@ def main():
         log=lambda line: print(line, flush=True),
         jit_compile=args.jit_compile,
     )
-    exit_layers = DecoderAdapter(model).decision_layers(
-        ExitPolicy(decision_layers=decisions)
-    )
+    exit_layers = DecoderAdapter(model).decision_layers(ExitPolicy(decision_layers=decisions))
     result = {
         "model": {**config.to_dict(), "parameters": model.count_params()},
         "prompt_length": args.prompt_length,

@@ -27,7 +27,7 @@ from toex_tf.export import (
     generate_text_with_export,
     xla_ops,
 )
-from toex_tf.graph_text import GraphTokenizer
+from toex_tf.export.graph_text import GraphTokenizer
 from toex_tf.inference import DecoderAdapter, ExitPolicy, generate, pad_prompts
 from toex_tf.models import build_gpt
 
@@ -302,9 +302,7 @@ def test_fresh_process_without_toex_tf_generates_the_same_text(text_exports, tmp
 
 
 def test_cli_export_text_choice(tokenizers):
-    from absl import app  # noqa: PLC0415
-
-    from toex_tf.run import text_export_choice  # noqa: PLC0415
+    from toex_tf.cli.export import text_export_choice  # noqa: PLC0415
 
     byte, sentencepiece = tokenizers["byte"], tokenizers["ours"]
     assert text_export_choice(byte, "auto") == (True, None)
@@ -314,9 +312,9 @@ def test_cli_export_text_choice(tokenizers):
     assert not with_text and "--export_text=yes" in why
     assert text_export_choice(sentencepiece, "yes") == (True, None)
     assert text_export_choice(None, "auto")[0] is False
-    with pytest.raises(app.UsageError, match="no tokenizer in"):
+    with pytest.raises(ValueError, match="--export_text=yes: no tokenizer"):
         text_export_choice(None, "yes")
-    with pytest.raises(app.UsageError, match="_NoGraphForm has no in-graph form"):
+    with pytest.raises(ValueError, match="_NoGraphForm has no in-graph form"):
         text_export_choice(_NoGraphForm(), "yes")
 
 

@@ -10,10 +10,10 @@ from toex_tf.data.corpus import (
     read_text_files,
     split_documents,
 )
+from toex_tf.data.hf_tokenizer import HFJsonTokenizer
 from toex_tf.data.token_stream import encode_documents, lm_windows, token_frequencies
 from toex_tf.data.tokenizers import (
     ByteTokenizer,
-    HFJsonTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
     load_tokenizer,

@@ -66,7 +66,7 @@ class Tokenizer(abc.ABC):
 
         Entry `i` is what id `i` adds to `decode(ids)` when it is not the first id (no
         leading-space stripping), before invalid UTF-8 is replaced; special ids give `b""`.
-        The in-graph decoder of `toex_tf.graph_text` is built from this table.
+        The in-graph decoder of `toex_tf.export.graph_text` is built from this table.
         """
         raise NotImplementedError(
             f"{type(self).__name__} has no per-id surface table; in-graph decoding supports "
@@ -74,7 +74,7 @@ class Tokenizer(abc.ABC):
         )
 
 
-def _write_manifest(directory: str, manifest: dict) -> str:
+def write_manifest(directory: str, manifest: dict) -> str:
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, MANIFEST_FILE)
     with open(path, "w", encoding="utf-8") as file:
@@ -116,7 +116,7 @@ class ByteTokenizer(Tokenizer):
         return [bytes([i]) for i in range(256)] + [b""]
 
     def save(self, directory: str) -> str:
-        return _write_manifest(directory, {"type": "byte"})
+        return write_manifest(directory, {"type": "byte"})
 
     def __repr__(self) -> str:
         return "ByteTokenizer()"
@@ -351,73 +351,12 @@ class SentencePieceTokenizer(Tokenizer):
         if os.path.abspath(model_file) != os.path.abspath(self.model_file):
             with open(model_file, "wb") as file:
                 file.write(self._model_proto)
-        return _write_manifest(
+        return write_manifest(
             directory, {"type": "sentencepiece", "model_file": SENTENCEPIECE_MODEL_FILE}
         )
 
     def __repr__(self) -> str:
         return f"SentencePieceTokenizer({self.model_file!r}, vocab_size={self.vocab_size})"
-
-
-HF_JSON_FILE = "hf_tokenizer.json"
-EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
-
-
-class HFJsonTokenizer(Tokenizer):
-    """A Hugging Face `tokenizer.json` (the `tokenizers` library), as in Llama checkpoints.
-
-    Args:
-        json_file: str. Path of the `tokenizer.json`.
-        eos_token: str or None, the end-of-sequence token; None: the first of
-            `</s>`, `<|endoftext|>`, `<|end_of_text|>`, `<eos>` in the vocabulary.
-
-    Raises:
-        ValueError: if the file is missing or invalid, `tokenizers` is not installed, or
-            no eos token is found.
-    """
-
-    def __init__(self, json_file: str, eos_token: str | None = None):
-        try:
-            import tokenizers  # Lazy: only checkpoints with a tokenizer.json need it.
-        except ImportError:
-            raise ValueError(
-                f"{json_file} needs the tokenizers library: pip install tokenizers."
-            ) from None
-        if not os.path.isfile(json_file):
-            raise ValueError(f"json_file {json_file!r} does not exist.")
-        try:
-            self._tokenizer = tokenizers.Tokenizer.from_file(json_file)
-        except Exception as error:  # noqa: BLE001 - tokenizers raises its own exceptions
-            raise ValueError(f"{json_file!r} is not a valid tokenizer.json ({error}).") from error
-        candidates = (eos_token,) if eos_token else EOS_CANDIDATES
-        ids = [self._tokenizer.token_to_id(token) for token in candidates]
-        ids = [i for i in ids if i is not None]
-        if not ids:
-            raise ValueError(f"{json_file!r} has none of the eos tokens {list(candidates)}.")
-        self._eos_id = ids[0]
-        self.json_file = json_file
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tokenizer.get_vocab_size()
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos_id
-
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._tokenizer.decode([int(i) for i in ids])
-
-    def save(self, directory: str) -> str:
-        os.makedirs(directory, exist_ok=True)
-        self._tokenizer.save(os.path.join(directory, HF_JSON_FILE))
-        return _write_manifest(directory, {"type": "hf_json", "json_file": HF_JSON_FILE})
-
-    def __repr__(self) -> str:
-        return f"HFJsonTokenizer({self.json_file!r}, vocab_size={self.vocab_size})"
 
 
 def load_tokenizer(directory: str) -> Tokenizer:
@@ -462,6 +401,8 @@ def load_tokenizer(directory: str) -> Tokenizer:
             )
         return SentencePieceTokenizer(os.path.join(directory, model_file))
     if kind == "hf_json":
+        from toex_tf.data.hf_tokenizer import HF_JSON_FILE, HFJsonTokenizer  # noqa: PLC0415
+
         return HFJsonTokenizer(os.path.join(directory, manifest.get("json_file", HF_JSON_FILE)))
     raise ValueError(
         f"tokenizer manifest {manifest_path!r} has type {kind!r}; expected one of "
@@ -510,3 +451,13 @@ def make_tokenizer(
     raise ValueError(
         f"tokenizer kind {kind!r} is not recognised; expected one of {TOKENIZER_KINDS}."
     )
+
+
+def __getattr__(name):
+    # `HFJsonTokenizer` lives in `toex_tf.data.hf_tokenizer` (it needs the `tokenizers`
+    # library); this keeps `from toex_tf.data.tokenizers import HFJsonTokenizer` working.
+    if name in ("HFJsonTokenizer", "HF_JSON_FILE", "EOS_CANDIDATES"):
+        from toex_tf.data import hf_tokenizer  # noqa: PLC0415
+
+        return getattr(hf_tokenizer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from toex_tf.inference.criteria import passes
+
 
 @keras.saving.register_keras_serializable(package="toex_tf")
 class LearnedExitGate(keras.layers.Layer):
@@ -45,7 +47,7 @@ class LearnedExitGate(keras.layers.Layer):
     Example:
     >>> gate = LearnedExitGate(hidden_units=32)
     >>> confidence = gate(np.random.rand(2, 8, 16).astype("float32"))  # (2, 8)
-    >>> exit_decision = confidence > 0.9
+    >>> exit_decision = passes(confidence, 0.9)  # toex_tf.inference.criteria
 
     References:
         Schuster et al., "Confident Adaptive Language Modeling" (CALM), 2022.
@@ -180,7 +182,8 @@ class GumbelExitGate(LearnedExitGate):
             logit = logit + ops.log(uniform) - ops.log(1.0 - uniform)
         soft_backward = ops.sigmoid(logit / self.backward_temperature)
         if hard:
-            forward = ops.cast(ops.greater(logit, 0.0), "float32")
+            # The exit decision at 0.5 (sigmoid(logit) > 0.5 is logit > 0).
+            forward = ops.cast(passes(ops.sigmoid(logit), 0.5), "float32")
         else:
             forward = ops.sigmoid(logit / self.forward_temperature)
         # `soft - stop_gradient(soft)` is exactly zero in value, so hard samples stay 0/1.

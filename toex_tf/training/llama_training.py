@@ -20,7 +20,6 @@ The model is wrapped in `LlamaPhaseTrainer`, a `keras.Model` for `fit`; the wrap
 never saved: save `trainer.model`.
 """
 
-
 import keras
 import numpy as np
 from keras import ops

@@ -20,7 +20,7 @@ Signatures (the decode loops run in the graph, so TF Serving, `tf.saved_model.lo
 - `generate_text` (only with `tokenizer=`): `prompt` string `(batch,)`, `max_new_tokens`,
   `threshold`, `mode` -> `text` string `(batch,)` (each row's continuation up to its
   first stop token, as it reads after the prompt), `token_ids` and `exit_layers` (as
-  `generate`). Tokenization runs in the graph (`toex_tf.graph_text`): the byte tokenizer
+  `generate`). Tokenization runs in the graph (`toex_tf.export.graph_text`): the byte tokenizer
   with core ops; SentencePiece with tensorflow-text's custom op, so every process that
   loads such an export needs `import tensorflow_text` first (`saved_model_cli run` and
   a plain TF process cannot load it at all).
@@ -39,11 +39,10 @@ import os
 import shutil
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from toex_tf.data.tokenizers import Tokenizer, load_tokenizer
-from toex_tf.graph_text import GraphTokenizer, valid_utf8
+from toex_tf.export.graph_text import GraphTokenizer, valid_utf8
 from toex_tf.inference import DecoderAdapter, ExitPolicy, generate
 from toex_tf.inference.teacher_forced import exit_logits
 
@@ -341,7 +340,7 @@ def export_saved_model(
     Raises:
         ValueError: a bad criterion or decision layer, or a tokenizer whose vocabulary
             is larger than the model's.
-        TypeError: a tokenizer with no in-graph form (`toex_tf.graph_text`).
+        TypeError: a tokenizer with no in-graph form (`toex_tf.export.graph_text`).
     """
     if keras.backend.backend() != "tensorflow":
         raise RuntimeError(
@@ -466,38 +465,3 @@ def xla_ops(directory: str) -> list[str]:
             nodes += list(function.node_def)
         found.update(node.op for node in nodes if node.op.startswith("Xla"))
     return sorted(found)
-
-
-def generate_with_export(loaded, token_ids, lengths, max_new_tokens, threshold, mode):
-    """Calls a loaded export's `generate` signature with numpy inputs; numpy outputs."""
-    out = loaded.signatures["generate"](
-        token_ids=tf.constant(np.asarray(token_ids, "int32")),
-        lengths=tf.constant(np.asarray(lengths, "int32")),
-        max_new_tokens=tf.constant(int(max_new_tokens), tf.int32),
-        threshold=tf.constant(float(threshold), tf.float32),
-        mode=tf.constant(mode),
-    )
-    return np.asarray(out["token_ids"]), np.asarray(out["exit_layers"])
-
-
-def score_with_export(loaded, token_ids, lengths, threshold, mode):
-    """Calls a loaded export's `score` signature with numpy inputs; numpy outputs."""
-    out = loaded.signatures["score"](
-        token_ids=tf.constant(np.asarray(token_ids, "int32")),
-        lengths=tf.constant(np.asarray(lengths, "int32")),
-        threshold=tf.constant(float(threshold), tf.float32),
-        mode=tf.constant(mode),
-    )
-    return np.asarray(out["logits"]), np.asarray(out["exit_layers"])
-
-
-def generate_text_with_export(loaded, prompts, max_new_tokens, threshold, mode):
-    """Calls a loaded export's `generate_text` signature; (list of str, tokens, exits)."""
-    out = loaded.signatures[TEXT_SIGNATURE](
-        prompt=tf.constant(list(prompts), tf.string),
-        max_new_tokens=tf.constant(int(max_new_tokens), tf.int32),
-        threshold=tf.constant(float(threshold), tf.float32),
-        mode=tf.constant(mode),
-    )
-    texts = [t.decode("utf-8") for t in out["text"].numpy()]
-    return texts, np.asarray(out["token_ids"]), np.asarray(out["exit_layers"])
