@@ -1,5 +1,6 @@
 """Decode-time exit criteria: each decision is recomputed by hand from an uncached forward."""
 
+import keras
 import numpy as np
 import pytest
 
@@ -26,6 +27,22 @@ def _peaky_adapter(scale=30.0, learned_gates=False):
         for weight in [] if gate is None else gate.weights:
             weight.assign(rng.normal(0.0, 1.0, weight.shape).astype("float32"))
     return DecoderAdapter.from_gpt(model)
+
+
+def _depth_dependent_adapter(learned_gates=False):
+    """A random model whose layers each move the residual stream (residual-branch output
+    kernels redrawn with std 1/sqrt(fan_in)), without peaky embeddings: every criterion's
+    confidence then varies by token and by layer, and exits disagree on the next token
+    (the peaky model's exits all predict the input token)."""
+    keras.utils.set_random_seed(1)
+    adapter = _peaky_adapter(1.0, learned_gates)
+    rng = np.random.default_rng(1)
+    for block in adapter.blocks:
+        for weight in block.weights:
+            if weight.path.endswith(("ffn/down/kernel", "attention_output/kernel")):
+                std = 1.0 / np.sqrt(weight.shape[0])
+                weight.assign(rng.normal(0.0, std, weight.shape).astype("float32"))
+    return adapter
 
 
 def _softmax(x):
@@ -80,6 +97,18 @@ def _confidences(criterion, embedded, states, cheap, learned, patience):
     return np.stack(out)
 
 
+def _candidate_thresholds(confidence, count=5):
+    """Up to `count` thresholds at quantiles of `confidence`, each a midpoint between
+    distinct values, so that no threshold ties a confidence (float32 vs 64)."""
+    values = np.unique(confidence)
+    gaps = np.flatnonzero(np.diff(values) > 1e-5)
+    midpoints = (values[gaps] + values[gaps + 1]) / 2
+    if len(midpoints) <= count:  # patience: a few discrete levels; try them all
+        return midpoints
+    positions = np.linspace(0.2, 0.9, count) * (len(midpoints) - 1)
+    return np.unique(midpoints[positions.astype(int)])
+
+
 def _expected_exits(confidence, thresholds):
     """First exit whose confidence passes, else the final layer; `(batch, seq)`."""
     passed = confidence > thresholds[None]
@@ -106,13 +135,7 @@ def test_unfrozen_exits_follow_the_criterion(criterion, patience, decay):
     reference, _ = generate(adapter, PROMPT, NEW_TOKENS)
     sequence = np.concatenate([PROMPT, np.asarray(reference)], axis=1)
     confidence = _confidences(criterion, *_per_exit_signals(adapter, sequence), patience)
-    # Midpoints between distinct values, so no threshold ties a confidence (float32 vs 64).
-    values = np.unique(confidence)
-    gaps = np.flatnonzero(np.diff(values) > 1e-5)
-    midpoints = (values[gaps] + values[gaps + 1]) / 2
-    candidates = np.unique(midpoints[(np.linspace(0.2, 0.9, 5) * (len(midpoints) - 1)).astype(int)])
-    if len(midpoints) <= 5:  # patience: a few discrete levels; try them all
-        candidates = midpoints
+    candidates = _candidate_thresholds(confidence)
     found_mixed = False
     for threshold in candidates:
         policy = ExitPolicy(
@@ -134,16 +157,24 @@ def test_unfrozen_exits_follow_the_criterion(criterion, patience, decay):
 
 @pytest.mark.parametrize("criterion", ["kl", "saturation", "patience", "learned"])
 def test_lazy_is_exact_with_every_criterion(criterion):
-    adapter = _peaky_adapter(learned_gates=criterion == "learned")
-    for threshold in (0.5, 0.9):
+    adapter = _depth_dependent_adapter(learned_gates=criterion == "learned")
+    reference, _ = generate(adapter, PROMPT, NEW_TOKENS)
+    sequence = np.concatenate([PROMPT, np.asarray(reference)], axis=1)
+    confidence = _confidences(criterion, *_per_exit_signals(adapter, sequence), patience=2)
+    exercised = 0
+    for threshold in _candidate_thresholds(confidence):
         reference = generate(
-            adapter, PROMPT, NEW_TOKENS, ExitPolicy("unfrozen", criterion, threshold)
+            adapter, PROMPT, NEW_TOKENS, ExitPolicy("unfrozen", criterion, float(threshold))
         )
-        lazy = generate(
-            adapter, PROMPT, NEW_TOKENS, ExitPolicy("lazy", criterion, threshold, max_pending=3)
-        )
-        for a, b in zip(reference, lazy):
+        policy = ExitPolicy("lazy", criterion, float(threshold), max_pending=3)
+        tokens, exits, state = generate(adapter, PROMPT, NEW_TOKENS, policy, return_state=True)
+        for a, b in zip(reference, (tokens, exits)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        # Exits vary by token (not all at one layer, not none) and layers were deferred.
+        varied = len(np.unique(np.asarray(exits)[:, 1:])) >= 2
+        deferred = int(state["layers_run"]) < NUM_LAYERS * int(state["steps"])
+        exercised += varied and deferred
+    assert exercised, "no threshold made lazy mode defer layers with varied exits"
 
 
 @pytest.mark.parametrize("criterion", ["kl", "saturation", "patience"])
