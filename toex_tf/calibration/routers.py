@@ -9,6 +9,7 @@ import numpy as np
 from keras import ops
 
 from toex_tf.inference.criteria import first_passing
+from toex_tf.layers.skip_router import SkipRouter
 from toex_tf.training.llama_training import forward_exits
 
 
@@ -43,21 +44,23 @@ def calibrate_routers(model, token_ids, capacity=None, batch_size: int = 8) -> l
     if not routers:
         raise ValueError("the model has no routers (capacity=1.0): nothing to calibrate.")
     batches = list(_batches(token_ids, batch_size))
-    hidden = [model.token_embedding(ops.convert_to_tensor(b), mode="embed") for b in batches]
+    hidden = [model.embed_tokens(ops.convert_to_tensor(b)) for b in batches]
     thresholds = []
     for block in model.blocks:
-        transformer = block.block
-        normed = []
-        for index, state in enumerate(hidden):
-            state = state + transformer.self_attention(transformer.attention_norm(state))
-            hidden[index] = state
-            normed.append(transformer.ffn_norm(state))
-        router = transformer.ffn
-        logits = np.concatenate([np.asarray(router.predictor_logits(x)).ravel() for x in normed])
-        thresholds.append(router.calibrate_predictor_threshold(logits, capacity))
-        for index, x in enumerate(normed):
-            hidden[index] = hidden[index] + router(x, routing="predictor")
+        router = block.block.ffn
+        if isinstance(router, SkipRouter):
+            # The block's own pass, for the router's input; the threshold is set before the
+            # block runs again with it, so later layers see decode-time routing.
+            inputs = [_outputs(block(h, return_ffn_input=True))[-1] for h in hidden]
+            logits = [np.asarray(router.predictor_logits(x)).ravel() for x in inputs]
+            logits = np.concatenate(logits)
+            thresholds.append(router.calibrate_predictor_threshold(logits, capacity))
+        hidden = [_outputs(block(h, routing="predictor"))[0] for h in hidden]
     return thresholds
+
+
+def _outputs(outputs) -> tuple:
+    return outputs if isinstance(outputs, tuple) else (outputs,)
 
 
 def routed_fraction(model, token_ids, batch_size: int = 8, start: int = 0) -> float:

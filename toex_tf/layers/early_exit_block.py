@@ -56,12 +56,15 @@ class EarlyExitBlock(keras.layers.Layer):
         training: bool.
         return_exit_signals: bool, also return the gate's signals. Defaults to False.
         threshold: optional gate threshold override.
+        return_ffn_input: bool, also return the wrapped block's FFN input (a
+            `TransformerBlock`'s), what a skip router decides on. Defaults to False.
 
     Returns:
         Without an exit head: `hidden` (plus `cache` when given). With one:
         `(hidden, exit_logits)`, then a dict of signals (`cheap_logits`, `confidence`,
         `exit`, plus `learned_confidence` with a learned gate) when
-        `return_exit_signals`, then `cache` when given.
+        `return_exit_signals`, then the FFN input with `return_ffn_input`, then `cache`
+        when given.
 
     Example:
     >>> embedding = LightweightOutputEmbedding(vocab_size=100, hidden_dim=16, shortlist_size=8)
@@ -171,6 +174,7 @@ class EarlyExitBlock(keras.layers.Layer):
         routing=None,
         return_exit_signals=False,
         threshold=None,
+        return_ffn_input=False,
     ):
         block_kwargs = {
             name: value
@@ -184,8 +188,15 @@ class EarlyExitBlock(keras.layers.Layer):
             )
             if value is not None
         }
+        if return_ffn_input:
+            block_kwargs["return_ffn_input"] = True
         hidden = self.block(inputs, training=training, **block_kwargs)
-        if cache is not None:
+        ffn_input = None
+        if return_ffn_input and cache is not None:
+            hidden, ffn_input, cache = hidden
+        elif return_ffn_input:
+            hidden, ffn_input = hidden
+        elif cache is not None:
             hidden, cache = hidden
         if training and self.seed_generator is not None:
             keep = (
@@ -201,11 +212,15 @@ class EarlyExitBlock(keras.layers.Layer):
                 outputs.append(self.exit_signals(hidden, threshold=threshold, normed=normed))
         elif return_exit_signals:
             raise ValueError(f"{self.name} has no exit head; return_exit_signals needs one.")
+        if return_ffn_input:
+            outputs.append(ffn_input)
         if cache is not None:
             outputs.append(cache)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
-    def compute_output_spec(self, inputs, cache=None, return_exit_signals=False, **kwargs):
+    def compute_output_spec(
+        self, inputs, cache=None, return_exit_signals=False, return_ffn_input=False, **kwargs
+    ):
         outputs = [keras.KerasTensor(inputs.shape, self.compute_dtype)]
         if self.has_exit:
             prefix = tuple(inputs.shape[:-1])
@@ -222,6 +237,8 @@ class EarlyExitBlock(keras.layers.Layer):
                 if self.learned_gate is not None:
                     signals["learned_confidence"] = keras.KerasTensor(prefix, "float32")
                 outputs.append(signals)
+        if return_ffn_input:
+            outputs.append(keras.KerasTensor(inputs.shape, self.compute_dtype))
         if cache is not None:
             outputs.append(keras.KerasTensor(cache.shape, cache.dtype))
         return outputs[0] if len(outputs) == 1 else tuple(outputs)

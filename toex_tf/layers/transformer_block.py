@@ -63,9 +63,12 @@ class TransformerBlock(keras.layers.Layer):
         cache_update_index: position of `inputs[:, 0]` when a cache is given.
         training: bool.
         routing: optional `SkipRouter` routing override.
+        return_ffn_input: bool, also return the FFN's (normed) input, what a skip
+            router decides on. Defaults to `False`.
 
     Returns:
-        `(batch, seq, hidden)`, or `(output, new_cache)` when `cache` is given.
+        `(batch, seq, hidden)`; then the FFN input with `return_ffn_input`, then the new
+        cache when `cache` is given (a tuple when there is more than the output).
 
     Example:
     >>> block = TransformerBlock(num_heads=2, head_dim=8, intermediate_dim=64)
@@ -173,6 +176,7 @@ class TransformerBlock(keras.layers.Layer):
         cache_update_index=None,
         training=None,
         routing=None,
+        return_ffn_input=False,
     ):
         attended = self.self_attention(
             self.attention_norm(inputs),
@@ -197,15 +201,20 @@ class TransformerBlock(keras.layers.Layer):
         else:
             delta = self.ffn(normed, training=training)
         x = x + self.residual_dropout(delta, training=training)
+        outputs = [x]
+        if return_ffn_input:
+            outputs.append(normed)
         if cache is not None:
-            return x, cache
-        return x
+            outputs.append(cache)
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
-    def compute_output_spec(self, inputs, cache=None, **kwargs):
-        output = keras.KerasTensor(inputs.shape, self.compute_dtype)
+    def compute_output_spec(self, inputs, cache=None, return_ffn_input=False, **kwargs):
+        outputs = [keras.KerasTensor(inputs.shape, self.compute_dtype)]
+        if return_ffn_input:
+            outputs.append(keras.KerasTensor(inputs.shape, self.compute_dtype))
         if cache is not None:
-            return output, keras.KerasTensor(cache.shape, cache.dtype)
-        return output
+            outputs.append(keras.KerasTensor(cache.shape, cache.dtype))
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def get_config(self):
         return {

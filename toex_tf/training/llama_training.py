@@ -30,7 +30,8 @@ TRAIN_PHASES = ("base", "routers", "exits", "full")
 
 
 def forward_exits(model, token_ids, training=False, routing=None, router_inputs=None):
-    """Runs a `HierarchicalLlama` block by block.
+    """Runs a model block by block through its own `EarlyExitBlock`s, keeping what
+    training and calibration read at each exit.
 
     Args:
         model: the model.
@@ -43,25 +44,19 @@ def forward_exits(model, token_ids, training=False, routing=None, router_inputs=
     Returns:
         dict: `"normed"` and `"logits"`, lists over the exit layers (final last).
     """
-    hidden = model.token_embedding(ops.cast(token_ids, "int32"), mode="embed")
+    hidden = model.embed_tokens(ops.cast(token_ids, "int32"))
     normed_states, logits = [], []
     for block in model.blocks:
-        transformer = block.block
-        hidden = hidden + transformer.self_attention(
-            transformer.attention_norm(hidden), training=training
-        )
-        normed = transformer.ffn_norm(hidden)
-        if isinstance(transformer.ffn, SkipRouter):
-            if router_inputs is not None:
-                router_inputs.append(normed)
-            delta = transformer.ffn(normed, training=training, routing=routing)
-        else:
-            delta = transformer.ffn(normed, training=training)
-        hidden = hidden + delta
+        # The model's own blocks; the FFN input only when a router's is wanted.
+        wants_input = router_inputs is not None and isinstance(block.block.ffn, SkipRouter)
+        outputs = block(hidden, training=training, routing=routing, return_ffn_input=wants_input)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        hidden = outputs[0]
+        if wants_input:
+            router_inputs.append(outputs[-1])
         if block.has_exit:
-            exit_normed = block.exit_norm(hidden)
-            normed_states.append(exit_normed)
-            logits.append(block.output_embedding(exit_normed, mode="logits"))
+            normed_states.append(block.exit_norm(hidden))
+            logits.append(outputs[1])
     return {"normed": normed_states, "logits": logits}
 
 
