@@ -58,6 +58,16 @@ def test_generate_text_in_text_out_with_exit_layers(run_dir):
     assert np.asarray(exits)[0].tolist() == alone.exit_layers
 
 
+def test_a_threshold_sweep_reuses_one_compiled_loop(run_dir):
+    lm = toex_tf.load(str(run_dir))
+    layers = []
+    for threshold in (0.0, 0.02, 1.0):
+        result = lm.generate("abc", max_new_tokens=6, mode="frozen", threshold=threshold)
+        layers.append(result.exit_layers)
+    assert len(lm._compiled) == 1  # threshold (and seed) are inputs of the compiled loop
+    assert set(layers[0][1:]) == {1} and set(layers[2]) == {2} and layers[1] != layers[2]
+
+
 def test_modes_and_sampling(run_dir):
     lm = toex_tf.load(str(run_dir))
     full = lm.generate("abc", max_new_tokens=8, mode="full")

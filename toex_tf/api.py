@@ -17,7 +17,8 @@ import numpy as np
 
 from toex_tf.data.continuation import decode_continuation
 from toex_tf.inference.adapter import DecoderAdapter
-from toex_tf.inference.compiled import compiled_generate, compiled_speculative
+from toex_tf.inference.compiled import compile_function, compiled_speculative
+from toex_tf.inference.loop import generate
 from toex_tf.inference.policy import ExitPolicy
 from toex_tf.inference.prompts import pad_prompts
 
@@ -190,6 +191,7 @@ class AdaptiveLM:
                 self._compiled[key] = compiled_speculative(
                     self.adapter, max_new_tokens, draft_layer, draft_length, jit_compile, True
                 )
+            runtime = ()
         else:
             exit_policy = self._policy(mode, policy)
             sampling = {
@@ -197,15 +199,21 @@ class AdaptiveLM:
                 "temperature": temperature,
                 "top_k": top_k,
                 "top_p": top_p,
-                "seed": seed,
                 "stop_token_ids": stop_ids,
             }
-            key = (exit_policy, max_new_tokens, jit_compile, tuple(sorted(sampling.items())))
+            # The threshold and the seed are inputs of the compiled loop: a sweep over
+            # them reuses one trace.
+            traced = dataclasses.replace(exit_policy, threshold=1.0)
+            key = (traced, max_new_tokens, jit_compile, tuple(sorted(sampling.items())))
             if key not in self._compiled:
-                self._compiled[key] = compiled_generate(
-                    self.adapter, max_new_tokens, exit_policy, jit_compile, True, **sampling
-                )
-        token_ids, exit_layers = self._compiled[key](prompt, mask if len(ids) > 1 else None)
+                self._compiled[key] = self._compile(traced, max_new_tokens, jit_compile, sampling)
+            threshold = np.asarray(exit_policy.threshold, "float32")
+            runtime = (threshold, np.asarray(seed, "int32"))
+        if len(self._compiled) > 64:  # many settings: keep memory bounded
+            self._compiled = {key: self._compiled[key]}
+        token_ids, exit_layers = self._compiled[key](
+            prompt, mask if len(ids) > 1 else None, *runtime
+        )
         results = [
             self._result(text, prompt_ids, list(row), list(layers), stops)
             for text, prompt_ids, row, layers in zip(
@@ -213,6 +221,22 @@ class AdaptiveLM:
             )
         ]
         return results[0] if isinstance(prompts, str) else results
+
+    def _compile(self, policy, max_new_tokens, jit_compile, sampling):
+        adapter = self.adapter
+
+        def run(prompt, padding_mask, threshold, seed):
+            return generate(
+                adapter,
+                prompt,
+                max_new_tokens,
+                dataclasses.replace(policy, threshold=threshold),
+                padding_mask=padding_mask,
+                seed=seed,
+                **sampling,
+            )
+
+        return compile_function(run, jit_compile, numpy_outputs=True)
 
     @property
     def _eos(self):
