@@ -3,6 +3,7 @@ and in a fresh one without toex_tf; no XLA ops; bad input fails with a named err
 
 import json
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -21,20 +22,47 @@ from toex_tf.inference.teacher_forced import exit_logits
 from toex_tf.models import build_gpt, build_llama
 
 PROMPTS = [[5, 9, 2, 7, 11], [3, 8], [12, 4, 6]]
-THRESHOLDS = (0.0, 0.45)
+# Windows long enough for the score signature's exits to vary (12, 9 and 10 tokens).
+SCORE_ROWS = [prompt + np.random.default_rng(7).integers(0, 64, 7).tolist() for prompt in PROMPTS]
+# A max_prob threshold at which `_gpt()`'s tokens leave at different exits (checked below).
+MIXED = 0.1
+THRESHOLDS = (0.0, MIXED, 1.0)
+NUM_LAYERS = 4
 
 
 def _gpt():
-    model = build_gpt("tiny", num_layers=4, exit_layers="all", max_length=32)
-    # Peaky embeddings: confident exits, so thresholds in (0, 1) send tokens out early.
+    """A seeded tiny GPT whose layers each move the residual stream (residual-branch
+    output kernels redrawn with std 1/sqrt(fan_in)) and whose embeddings are scaled 4x:
+    confidences vary by token and layer, so at `MIXED` tokens leave at different exits and
+    early exits change the text (a peaky model's exits all predict the input token)."""
+    keras.utils.set_random_seed(1)
+    model = build_gpt("tiny", num_layers=NUM_LAYERS, exit_layers="all", max_length=32)
+    rng = np.random.default_rng(1)
+    for weight in model.weights:
+        if weight.path.endswith(("ffn/down/kernel", "attention_output/kernel")):
+            std = 1.0 / np.sqrt(weight.shape[0])
+            weight.assign(rng.normal(0.0, std, weight.shape).astype("float32"))
     embeddings = model.token_embedding.embeddings
-    embeddings.assign(np.asarray(embeddings) * 30.0)
+    embeddings.assign(np.asarray(embeddings) * 4.0)
     return model
+
+
+def _assert_exit_layers(exits, mode, threshold):
+    """Exit layers after the prefill's column: full depth or threshold 1.0 never exit,
+    threshold 0.0 always leaves at layer 1, and at `MIXED` the layers vary."""
+    layers = set(np.unique(exits[exits > 0]).tolist())
+    where = f"{mode} {threshold}: exit layers {sorted(layers)}"
+    if mode == "full" or threshold == 1.0:
+        assert layers == {NUM_LAYERS}, where
+    elif threshold == 0.0:
+        assert layers == {1}, where
+    else:
+        assert len(layers) >= 2, where
 
 
 @pytest.fixture(scope="module")
 def gpt_export(tmp_path_factory):
-    model = _gpt()
+    model = _gpt()  # seeded: module fixtures run before the per-test seed
     directory = str(tmp_path_factory.mktemp("gpt_export"))
     export_saved_model(model, directory)
     return model, directory, tf.saved_model.load(directory)
@@ -53,17 +81,25 @@ def test_export_generates_what_python_generates(gpt_export):
     ids, lengths = right_padded(PROMPTS)
     adapter = DecoderAdapter.from_model(model)
     prompt, mask = pad_prompts(PROMPTS)  # a padded batch generates what each row does alone
-    early = 0
+    full_tokens, _ = generate_with_export(loaded, ids, lengths, 10, 0.0, "full")
     for mode in EXPORT_MODES:
         for threshold in THRESHOLDS:
             tokens, exits = generate_with_export(loaded, ids, lengths, 10, threshold, mode)
             assert tokens.shape == exits.shape == (len(PROMPTS), 10)
             policy = ExitPolicy(mode, "max_prob", threshold)
-            want_tokens, want_exits = generate(adapter, prompt, 10, policy, padding_mask=mask)
+            want_tokens, want_exits, state = generate(
+                adapter, prompt, 10, policy, padding_mask=mask, return_state=True
+            )
             np.testing.assert_array_equal(tokens, want_tokens, err_msg=f"{mode} {threshold}")
             np.testing.assert_array_equal(exits, want_exits, err_msg=f"{mode} {threshold}")
-            early += int((exits < 4).sum()) if mode != "full" else 0
-    assert early > 0  # the comparison covered early exits, not only full depth
+            _assert_exit_layers(exits[:, 1:], mode, threshold)
+            if mode != "full" and threshold == MIXED:
+                # Early exits changed the text, so a mode that quietly ran full depth
+                # would not match; frozen and lazy skipped layers on this run.
+                assert (tokens != full_tokens).any(), mode
+                if mode in ("frozen", "lazy"):
+                    layers_run, steps = int(state["layers_run"]), int(state["steps"])
+                    assert layers_run < NUM_LAYERS * steps, mode
 
 
 def test_export_has_no_xla_ops_and_named_signatures(gpt_export):
@@ -81,22 +117,37 @@ def test_export_has_no_xla_ops_and_named_signatures(gpt_export):
 
 def test_score_equals_python_exit_logits_row_by_row(gpt_export):
     model, _, loaded = gpt_export
-    ids, lengths = right_padded(PROMPTS)
+    ids, lengths = right_padded(SCORE_ROWS)
     adapter = DecoderAdapter.from_model(model)
-    early = 0
+    scored = {}
     for mode in EXPORT_MODES:
         for threshold in THRESHOLDS:
             logits, exits = score_with_export(loaded, ids, lengths, threshold, mode)
-            assert logits.shape == (len(PROMPTS), ids.shape[1], 64)
+            assert logits.shape == (len(SCORE_ROWS), ids.shape[1], 64)
             policy = ExitPolicy(mode, "max_prob", threshold)
-            for row, prompt in enumerate(PROMPTS):  # padding never reaches real positions
-                want, want_exits = exit_logits(adapter, policy, np.array([prompt], "int32"))
+            # The batch as Python scores it: padding ids are 0, and frozen mode skips a
+            # layer only when every row exited, so its rows depend on the batch.
+            batch, batch_exits = exit_logits(adapter, policy, ids)
+            for row, prompt in enumerate(SCORE_ROWS):
                 n = len(prompt)
+                np.testing.assert_allclose(logits[row, :n], batch[row, :n], atol=1e-5, rtol=0)
+                np.testing.assert_array_equal(exits[row, :n], batch_exits[row, :n])
+                assert (logits[row, n:] == 0).all() and (exits[row, n:] == 0).all()
+                if mode == "frozen" or threshold != MIXED:
+                    continue
+                # Exact modes: padding never reaches real positions, so each row alone
+                # scores the same.
+                want, want_exits = exit_logits(adapter, policy, np.array([prompt], "int32"))
                 np.testing.assert_allclose(logits[row, :n], want[0], atol=1e-5, rtol=0)
                 np.testing.assert_array_equal(exits[row, :n], want_exits[0])
-                assert (logits[row, n:] == 0).all() and (exits[row, n:] == 0).all()
-            early += int(((exits > 0) & (exits < 4)).sum())
-    assert early > 0
+            _assert_exit_layers(exits[:, 1:], mode, threshold)
+            scored[mode, threshold] = logits
+    # The modes are told apart: with exits, early predictions are not the final layer's,
+    # and frozen's propagated K/V (not exact) move its logits away from unfrozen's.
+    for mode in ("unfrozen", "frozen", "lazy"):
+        assert np.abs(scored[mode, MIXED] - scored["full", MIXED]).max() > 1e-3, mode
+    assert np.abs(scored["frozen", MIXED] - scored["unfrozen", MIXED]).max() > 1e-3
+    np.testing.assert_allclose(scored["lazy", MIXED], scored["unfrozen", MIXED], atol=1e-5)
 
 
 def test_logits_signature_and_reusable_call_equal_the_model(gpt_export):
@@ -199,7 +250,8 @@ loaded = tf.saved_model.load(sys.argv[1])
 out = loaded.signatures["generate"](
     token_ids=tf.constant(json.loads(sys.argv[2]), tf.int32),
     lengths=tf.constant(json.loads(sys.argv[3]), tf.int32),
-    max_new_tokens=tf.constant(8), threshold=tf.constant(0.45), mode=tf.constant("lazy"))
+    max_new_tokens=tf.constant(8), threshold=tf.constant(float(sys.argv[4])),
+    mode=tf.constant("lazy"))
 result = [out["token_ids"].numpy().tolist(), out["exit_layers"].numpy().tolist()]
 print("RESULT", json.dumps(result))
 """
@@ -209,15 +261,20 @@ def test_fresh_process_without_toex_tf_generates_the_same_tokens(gpt_export, tmp
     model, directory, loaded = gpt_export
     ids, lengths = right_padded(PROMPTS)
     result = fresh_process(
-        FRESH_PROCESS, tmp_path, directory, json.dumps(ids.tolist()), json.dumps(lengths.tolist())
+        FRESH_PROCESS,
+        tmp_path,
+        directory,
+        json.dumps(ids.tolist()),
+        json.dumps(lengths.tolist()),
+        str(MIXED),
     )
     tokens, exits = (np.array(a) for a in result)
-    want_tokens, want_exits = generate_with_export(loaded, ids, lengths, 8, 0.45, "lazy")
+    want_tokens, want_exits = generate_with_export(loaded, ids, lengths, 8, MIXED, "lazy")
     np.testing.assert_array_equal(tokens, want_tokens)
     np.testing.assert_array_equal(exits, want_exits)
     for row, prompt in enumerate(PROMPTS):
         np.testing.assert_array_equal(
-            tokens[row], _python_generate(model, prompt, 8, "lazy", 0.45)[0]
+            tokens[row], _python_generate(model, prompt, 8, "lazy", MIXED)[0]
         )
 
 
@@ -264,28 +321,55 @@ def test_wrong_dtype_is_refused(gpt_export):
 
 
 def test_llama_with_exits_and_routers_exports(tmp_path):
+    keras.utils.set_random_seed(1)
     model = build_llama("llama-tiny", num_layers=3, exit_layers=(1, 2), capacity=0.55)
     for router in model.routers:  # route about half the tokens at decode time
         router.predictor_threshold.assign(0.0)
+    rng = np.random.default_rng(2)
+    for gate in model.gates:  # untrained gates say 0.5 everywhere: give them opinions
+        for weight in gate.weights:
+            weight.assign(rng.normal(0.0, 1.0, weight.shape).astype("float32"))
     directory = export_saved_model(model, str(tmp_path / "llama"), criterion="learned")
     assert xla_ops(directory) == []
     loaded = tf.saved_model.load(directory)
     ids, lengths = right_padded(PROMPTS)
+    score_ids, score_lengths = right_padded(SCORE_ROWS)
     adapter = DecoderAdapter.from_model(model)
     prompt, mask = pad_prompts(PROMPTS)
-    for mode, threshold in (("full", 0.5), ("frozen", 0.0), ("lazy", 0.0), ("lazy", 0.5)):
+    settings = (
+        ("full", 0.5),
+        ("unfrozen", 0.5),
+        ("frozen", 0.5),
+        ("lazy", 0.0),
+        ("lazy", 0.5),
+    )
+    for mode, threshold in settings:
         tokens, exits = generate_with_export(loaded, ids, lengths, 6, threshold, mode)
         policy = ExitPolicy(mode, "learned", threshold)
         want, want_exits = generate(adapter, prompt, 6, policy, padding_mask=mask)
         np.testing.assert_array_equal(tokens, want, err_msg=mode)
         np.testing.assert_array_equal(exits, want_exits, err_msg=mode)
-        if threshold == 0.0:  # after the prefill's token, every token leaves at layer 1
-            assert (exits[:, 1:] == 1).all()
-        logits, exits = score_with_export(loaded, ids, lengths, threshold, mode)
-        for row, row_ids in enumerate(PROMPTS):
-            want, want_exits = exit_logits(adapter, policy, np.array([row_ids], "int32"))
+        # Threshold 0.0: every token after the prefill's leaves at layer 1; 0.5: the
+        # gates disagree by token, so the exit layers vary.
+        layers = set(np.unique(exits[:, 1:]).tolist())
+        where = f"{mode} {threshold}: exit layers {sorted(layers)}"
+        if mode == "full" or threshold == 1.0:
+            assert layers == {3}, where
+        elif threshold == 0.0:
+            assert layers == {1}, where
+        else:
+            assert len(layers) >= 2, where
+        logits, exits = score_with_export(loaded, score_ids, score_lengths, threshold, mode)
+        batch, batch_exits = exit_logits(adapter, policy, score_ids)
+        for row, row_ids in enumerate(SCORE_ROWS):
             n = len(row_ids)
-            np.testing.assert_allclose(logits[row, :n], want[0], atol=1e-5, rtol=0)
-            np.testing.assert_array_equal(exits[row, :n], want_exits[0])
+            np.testing.assert_allclose(logits[row, :n], batch[row, :n], atol=1e-5, rtol=0)
+            np.testing.assert_array_equal(exits[row, :n], batch_exits[row, :n])
+            if (mode, threshold) in (("unfrozen", 0.5), ("lazy", 0.5)):  # each row alone too
+                want, want_exits = exit_logits(adapter, policy, np.array([row_ids], "int32"))
+                np.testing.assert_allclose(logits[row, :n], want[0], atol=1e-5, rtol=0)
+                np.testing.assert_array_equal(exits[row, :n], want_exits[0])
+        if mode != "full" and 0.0 < threshold < 1.0:
+            assert len(np.unique(exits[:, 1:][exits[:, 1:] > 0])) >= 2, (mode, threshold)
     want = np.asarray(model(ids)["logits"])
     np.testing.assert_allclose(np.asarray(loaded(tf.constant(ids))), want, atol=1e-5)
