@@ -15,6 +15,7 @@ import functools
 
 from keras import ops
 
+from toex_tf.inference.branches import rarely_taken
 from toex_tf.inference.criteria import (
     CHEAP_HEAD_CRITERIA,
     exit_confidence,
@@ -166,11 +167,10 @@ def decode_step(
             can_skip = ops.logical_and(ops.all(state[2]), ops.logical_not(force))
             pending = ops.cast(position, "int32") - state[5][1][layers[0]]
             branch = ops.where(can_skip, 0, ops.where(ops.equal(pending, 0), 1, 2))
-            state = ops.switch(
-                branch,
-                [skip, compute, functools.partial(compute, chunk=True)],
-                state,
-            )
+            # The catch-up is rare (at most one step in `max_pending`): as a call it
+            # costs nothing on the steps that do not take it.
+            catch_up = rarely_taken(functools.partial(compute, chunk=True))
+            state = ops.switch(branch, [skip, compute, catch_up], state)
         else:
             state = compute(state)
         for index in layers:
