@@ -430,6 +430,88 @@ def test_llama_bad_phase_setup_fails_clearly(tmp_path):
     assert result.returncode != 0 and "does not exist" in result.stderr
 
 
+def test_llama_target_speedup_searches_the_router_capacity(tmp_path):
+    import keras  # noqa: PLC0415
+
+    from toex_tf.data import ByteTokenizer  # noqa: PLC0415
+    from toex_tf.models import build_llama  # noqa: PLC0415
+
+    glob = _write_corpus(tmp_path / "corpus", docs=8)
+    out = tmp_path / "out"
+    out.mkdir()
+    keras.utils.set_random_seed(0)
+    build_llama("llama-tiny", vocab_size=257, capacity=0.5).save(out / "model.keras")
+    ByteTokenizer().save(str(out / "tokenizer"))
+    target = 1.05
+    result = _run(
+        "--model=llama",
+        "--mode=benchmark",
+        f"--target_speedup={target}",
+        "--tokenizer=byte",
+        "--seq_len=16",
+        f"--dataset=text:{glob}",
+        f"--output_dir={out}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    search = json.loads((out / "capacity_search.json").read_text())
+    assert search["target_speedup"] == target
+    # Replay the bisection over [0.1, 1] from the measured speedups: each trial halves the
+    # interval on the side its measurement says, and the answer is the largest capacity
+    # that reached the target (None when none did).
+    low, high, reached = 0.1, 1.0, []
+    for trial in search["trials"]:
+        assert trial["capacity"] == pytest.approx((low + high) / 2)
+        assert trial["measured_speedup"] > 0
+        if trial["measured_speedup"] >= target:
+            low = trial["capacity"]
+            reached.append(trial["capacity"])
+        else:
+            high = trial["capacity"]
+    assert len(search["trials"]) == 5
+    assert search["capacity"] == (max(reached) if reached else None)
+    log = [json.loads(line) for line in (out / "config_log.jsonl").read_text().splitlines()]
+    assert log[-1]["search"] == search
+
+
+CORE_PARALLEL_PROCESS = """
+import runpy, sys
+sys.argv = ["toex_tf.run", *sys.argv[1:]]
+try:
+    runpy.run_module("toex_tf.run", run_name="__main__")  # what `python -m` runs
+except SystemExit as stop:
+    if stop.code:
+        raise
+import tensorflow as tf
+from toex_tf.layers.linear import get_row_splits
+threading = tf.config.threading
+print("THREADS", threading.get_intra_op_parallelism_threads(),
+      threading.get_inter_op_parallelism_threads(), get_row_splits())
+"""
+
+
+def test_core_parallel_generate_in_a_fresh_process(trained_tiny, tmp_path):
+    args = _copy(trained_tiny, tmp_path)
+    out = tmp_path / "out"
+    common = [*args, "--mode=generate", "--prompt=the cat", "--max_new_tokens=6"]
+    plain = _run(*common)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    want = json.loads((out / "generate.json").read_text())["results"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(
+        [sys.executable, "-c", CORE_PARALLEL_PROCESS, *common, "--core_parallel"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The flag set TensorFlow's pools before its first op (one thread per op, one
+    # inter-op thread per usable core) and split products into one row block per core.
+    cores = len(os.sched_getaffinity(0))
+    assert f"THREADS 1 {cores} {cores}" in result.stdout, result.stdout[-2000:]
+    assert json.loads((out / "generate.json").read_text())["results"] == want
+
+
 def test_export_then_saved_model_cli_show_and_run(trained_tiny, tmp_path):
     args = _copy(trained_tiny, tmp_path)
     export_dir = tmp_path / "exported"
