@@ -121,6 +121,14 @@ def test_llama_checkpoint_benchmark_and_calibrate_through_the_cli(checkpoint, tm
     rows = record["calibration"]["rows"]
     assert [row["threshold"] for row in rows][:1] == [1.0] and rows[0]["agreement"] == 1.0
     assert record["settings"]["criterion"] == "max_prob"
+    # train_gates on a Llama is its exits phase: gates trained, the model saved with them.
+    gated = _run(*common, "--mode=train_gates", "--train_steps=2")
+    assert gated.returncode == 0, gated.stderr[-3000:]
+    assert "logs" in json.loads((out / "gates.json").read_text())
+    import toex_tf  # noqa: PLC0415
+
+    lm = toex_tf.load(str(out))
+    assert lm.model.gates and lm.policy.criterion == "learned"
 
 
 def test_gpt_trains_from_init_from(tmp_path):
