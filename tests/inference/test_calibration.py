@@ -38,7 +38,7 @@ def _disagreeing_adapter():
     kernel.assign(np.asarray(kernel) * 3.0)
     for block in model.blocks:
         block.exit_norm.gamma.assign(np.asarray(block.exit_norm.gamma) * 20.0)
-    return DecoderAdapter.from_gpt(model)
+    return DecoderAdapter(model)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ def _peaky_adapter(scale=30.0, learned_gates=False):
         gate = getattr(block, "learned_gate", None)
         for weight in [] if gate is None else gate.weights:
             weight.assign(rng.normal(0.0, 1.0, weight.shape).astype("float32"))
-    return DecoderAdapter.from_gpt(model)
+    return DecoderAdapter(model)
 
 
 def _depth_dependent_adapter(learned_gates=False):

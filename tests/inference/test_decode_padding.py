@@ -23,7 +23,7 @@ def _adapter(peaky=True):
     if peaky:
         embeddings = model.token_embedding.embeddings
         embeddings.assign(np.asarray(embeddings) * 30.0)
-    return DecoderAdapter.from_gpt(model)
+    return DecoderAdapter(model)
 
 
 def test_pad_prompts_left_pads():

@@ -69,7 +69,7 @@ def _mixed_threshold(confidence):
 @pytest.mark.parametrize("prefix_length", [1, 5])
 def test_full_mode_scores_equal_one_uncached_forward_pass(prefix_length):
     model = _model()
-    adapter = DecoderAdapter.from_gpt(model)
+    adapter = DecoderAdapter(model)
     scores = _numpy(score_decoding(adapter, ExitPolicy("full"), INPUTS, TARGETS, prefix_length))
     logits = np.asarray(model(INPUTS)["exit_logits"][-1])[:, prefix_length - 1 :]
     targets = TARGETS[:, prefix_length - 1 :]
@@ -87,7 +87,7 @@ def test_full_mode_scores_equal_one_uncached_forward_pass(prefix_length):
 @pytest.mark.parametrize("criterion", ["max_prob", "margin"])
 def test_unfrozen_equals_the_first_passing_exit_of_a_forward_pass(criterion):
     model = _peaky_model()
-    adapter = DecoderAdapter.from_gpt(model)
+    adapter = DecoderAdapter(model)
     logits, confidence = _cheap_confidences(model, INPUTS, criterion)
     threshold = _mixed_threshold(confidence)
     prefix = 3
@@ -139,7 +139,7 @@ def _window_by_window(adapter, policy):
 @pytest.mark.parametrize("max_pending", [2, 5])
 def test_lazy_scores_exactly_what_unfrozen_scores_with_less_work(max_pending):
     model = _peaky_model()
-    adapter = DecoderAdapter.from_gpt(model)
+    adapter = DecoderAdapter(model)
     _, policies = _mixed_policies(model, max_pending)
     unfrozen = _numpy(score_decoding(adapter, policies["unfrozen"], INPUTS, TARGETS))
     batched = _numpy(score_decoding(adapter, policies["lazy"], INPUTS, TARGETS))
@@ -155,7 +155,7 @@ def test_frozen_bounds_and_its_approximate_state():
     # Unscaled embeddings: the blocks, not the embedding, dominate the residual stream,
     # so projected K/V visibly move later predictions.
     model = _model()
-    adapter = DecoderAdapter.from_gpt(model)
+    adapter = DecoderAdapter(model)
     full = _numpy(score_decoding(adapter, ExitPolicy("full"), INPUTS, TARGETS))
     never = _numpy(score_decoding(adapter, ExitPolicy("frozen", "max_prob", 1.0), INPUTS, TARGETS))
     np.testing.assert_allclose(never["nll"], full["nll"], atol=1e-6)
@@ -187,7 +187,7 @@ def test_frozen_bounds_and_its_approximate_state():
 
 def test_compare_modes_aggregates_batches_and_compiles():
     model = _peaky_model()
-    adapter = DecoderAdapter.from_gpt(model)
+    adapter = DecoderAdapter(model)
     threshold, policies = _mixed_policies(model)
     result = compare_modes(
         adapter, [policies["unfrozen"], policies["lazy"]], INPUTS, TARGETS, batch_size=2
@@ -253,7 +253,7 @@ def test_summaries_weight_each_batch_by_its_tokens():
     ],
 )
 def test_bad_scoring_input(inputs, targets, prefix_length, error):
-    adapter = DecoderAdapter.from_gpt(_model())
+    adapter = DecoderAdapter(_model())
     with pytest.raises(ValueError, match=error):
         score_decoding(adapter, ExitPolicy("full"), inputs, targets, prefix_length)
     with pytest.raises(ValueError, match=error):
@@ -261,7 +261,7 @@ def test_bad_scoring_input(inputs, targets, prefix_length, error):
 
 
 def test_bad_comparison_input():
-    adapter = DecoderAdapter.from_gpt(_model())
+    adapter = DecoderAdapter(_model())
     with pytest.raises(ValueError, match="vocab_size=64"):
         compare_modes(adapter, [], INPUTS, TARGETS + 64, compile=False)
     with pytest.raises(ValueError, match="batch_size"):
@@ -275,7 +275,7 @@ def test_jax_backend_jits_the_same_scores(tmp_path):
     model = _peaky_model()
     path = tmp_path / "gpt.keras"
     model.save(path)
-    adapter = DecoderAdapter.from_gpt(model)
+    adapter = DecoderAdapter(model)
     threshold, policies = _mixed_policies(model)
     expected = compare_modes(adapter, [policies["frozen"]], INPUTS, TARGETS, compile=False)
     code = (
@@ -283,7 +283,7 @@ def test_jax_backend_jits_the_same_scores(tmp_path):
         "from toex_tf.inference import DecoderAdapter, ExitPolicy\n"
         "from toex_tf.analysis.quality import compare_modes\n"
         f"model = keras.saving.load_model({str(path)!r})\n"
-        "adapter = DecoderAdapter.from_gpt(model)\n"
+        "adapter = DecoderAdapter(model)\n"
         f"stream = np.array({STREAM.tolist()}, 'int32')\n"
         f"policy = ExitPolicy('frozen', 'max_prob', {threshold!r}, max_pending=3)\n"
         "result = compare_modes(adapter, [policy], stream[:, :-1], stream[:, 1:])\n"
@@ -305,7 +305,7 @@ def test_jax_backend_jits_the_same_scores(tmp_path):
 
 def test_exit_logits_full_mode_equals_the_forward_pass():
     model = _model()
-    adapter = DecoderAdapter.from_gpt(model)
+    adapter = DecoderAdapter(model)
     logits, exits = exit_logits(adapter, ExitPolicy("full"), INPUTS)
     forward = np.asarray(model(INPUTS)["exit_logits"][-1])
     np.testing.assert_allclose(np.asarray(logits), forward, atol=1e-4, rtol=0)
@@ -317,7 +317,7 @@ def test_exit_logits_on_generated_tokens_reproduce_generation(mode):
     """Teacher forcing on the tokens `generate` emitted retraces the same decode: the
     argmax of each position's logits is the next emitted token and the exits agree."""
     model = _peaky_model()
-    adapter = DecoderAdapter.from_gpt(model)
+    adapter = DecoderAdapter(model)
     policy = ExitPolicy(mode, "max_prob", 0.3)  # the emitted tokens exit at layer 1
     prompt = INPUTS[:2, :4]
     tokens, exits = generate(adapter, prompt, 8, policy)
@@ -333,7 +333,7 @@ def test_exit_logits_on_generated_tokens_reproduce_generation(mode):
 
 def test_exit_logits_nll_matches_score_decoding():
     model = _peaky_model()
-    adapter = DecoderAdapter.from_gpt(model)
+    adapter = DecoderAdapter(model)
     threshold = _mixed_threshold(_cheap_confidences(model, INPUTS, "max_prob")[1])
     policy = ExitPolicy("frozen", "max_prob", threshold)
     logits, exits = exit_logits(adapter, policy, INPUTS)
@@ -343,7 +343,7 @@ def test_exit_logits_nll_matches_score_decoding():
 
 
 def test_exit_logits_rejects_bad_windows():
-    adapter = DecoderAdapter.from_gpt(_model())
+    adapter = DecoderAdapter(_model())
     with pytest.raises(ValueError, match="rank|batch, length"):
         exit_logits(adapter, ExitPolicy("full"), INPUTS[0])
     with pytest.raises(ValueError, match="max_length"):

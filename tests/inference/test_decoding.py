@@ -30,7 +30,7 @@ def _model(**kwargs):
 @pytest.mark.parametrize("mode", ["full", "unfrozen"])
 def test_cached_decoding_equals_uncached_forward_at_every_position(mode):
     model = _model()
-    adapter = DecoderAdapter.from_gpt(model)
+    adapter = DecoderAdapter(model)
     full = np.asarray(model(TOKENS)["exit_logits"][-1])
     caches = adapter.empty_caches(2)
     logits, caches = prefill(adapter, TOKENS[:, :3], caches)
@@ -47,7 +47,7 @@ def test_cached_decoding_equals_uncached_forward_at_every_position(mode):
 
 def test_unfrozen_prediction_comes_from_the_first_passing_exit():
     model = _model()
-    adapter = DecoderAdapter.from_gpt(model)
+    adapter = DecoderAdapter(model)
     caches = adapter.empty_caches(2)
     _, caches = prefill(adapter, TOKENS[:, :5], caches)
     logits, exit_layer, _, _, _ = decode_step(
@@ -59,7 +59,7 @@ def test_unfrozen_prediction_comes_from_the_first_passing_exit():
 
 
 def test_never_exit_generates_the_full_depth_tokens():
-    adapter = DecoderAdapter.from_gpt(_model())
+    adapter = DecoderAdapter(_model())
     prompt = TOKENS[:, :4]
     reference, _ = generate(adapter, prompt, 8, ExitPolicy("full"))
     for mode in ("unfrozen", "frozen"):
@@ -70,7 +70,7 @@ def test_never_exit_generates_the_full_depth_tokens():
 
 def test_greedy_generation_matches_repeated_full_forward():
     model = _model()
-    adapter = DecoderAdapter.from_gpt(model)
+    adapter = DecoderAdapter(model)
     tokens, _ = generate(adapter, TOKENS[:, :4], 6)
     sequence = TOKENS[:, :4]
     for _ in range(6):
@@ -80,7 +80,7 @@ def test_greedy_generation_matches_repeated_full_forward():
 
 
 def test_frozen_mode_skips_layers_and_fills_their_cache_from_the_exit_state():
-    adapter = DecoderAdapter.from_gpt(_model())
+    adapter = DecoderAdapter(_model())
     caches = adapter.empty_caches(2)
     _, caches = prefill(adapter, TOKENS[:, :5], caches)
     _, exit_layer, frozen, _, _ = decode_step(
@@ -99,7 +99,7 @@ def test_frozen_mode_skips_layers_and_fills_their_cache_from_the_exit_state():
 
 
 def test_compiled_loop_equals_eager_and_handles_stop_tokens():
-    adapter = DecoderAdapter.from_gpt(_model())
+    adapter = DecoderAdapter(_model())
     prompt = TOKENS[:, :4]
     policy = ExitPolicy("frozen", "margin", 0.05)
     eager = generate(adapter, prompt, 8, policy)
@@ -114,7 +114,7 @@ def test_compiled_loop_equals_eager_and_handles_stop_tokens():
 
 
 def test_sampling_is_seeded_and_respects_top_k():
-    adapter = DecoderAdapter.from_gpt(_model())
+    adapter = DecoderAdapter(_model())
     prompt = TOKENS[:, :4]
     a, _ = generate(adapter, prompt, 8, sampling="sample", temperature=2.0, seed=3)
     b, _ = generate(adapter, prompt, 8, sampling="sample", temperature=2.0, seed=3)
@@ -138,7 +138,7 @@ def test_sampling_is_seeded_and_respects_top_k():
     ],
 )
 def test_bad_generation_input(kwargs, error):
-    adapter = DecoderAdapter.from_gpt(_model())
+    adapter = DecoderAdapter(_model())
     args = {"prompt": TOKENS[:, :4], "max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=error):
         generate(adapter, **args)
@@ -158,7 +158,7 @@ def test_jax_backend_generates_the_same_tokens(tmp_path):
     model = _model()
     path = tmp_path / "gpt.keras"
     model.save(path)
-    adapter = DecoderAdapter.from_gpt(model)
+    adapter = DecoderAdapter(model)
     expected = [
         np.asarray(v)
         for v in generate(adapter, TOKENS[:, :4], 8, ExitPolicy("frozen", "margin", 0.05))
@@ -167,7 +167,7 @@ def test_jax_backend_generates_the_same_tokens(tmp_path):
         "import jax, keras, numpy as np, toex_tf.models\n"
         "from toex_tf.inference import DecoderAdapter, ExitPolicy, generate\n"
         f"model = keras.saving.load_model({str(path)!r})\n"
-        "adapter = DecoderAdapter.from_gpt(model)\n"
+        "adapter = DecoderAdapter(model)\n"
         "run = jax.jit(lambda p: generate(adapter, p, 8, ExitPolicy('frozen', 'margin', 0.05)))\n"
         f"tokens, exits = run(np.array({TOKENS[:, :4].tolist()}, 'int32'))\n"
         f"np.save({str(tmp_path / 't.npy')!r}, np.asarray(tokens))\n"
@@ -212,7 +212,7 @@ def _peaky_adapter(max_length=32):
     model = _model(max_length=max_length)
     embeddings = model.token_embedding.embeddings
     embeddings.assign(np.asarray(embeddings) * 30.0)
-    return DecoderAdapter.from_gpt(model)
+    return DecoderAdapter(model)
 
 
 def _varied_exit_adapter():
@@ -310,7 +310,7 @@ def test_xla_compiled_loop_equals_eager(mode):
 
 
 def test_lazy_defers_work_when_tokens_exit():
-    adapter = DecoderAdapter.from_gpt(_model())
+    adapter = DecoderAdapter(_model())
     policy = ExitPolicy("lazy", "max_prob", 0.0, max_pending=5)
     _, exits, state = generate(adapter, TOKENS[:, :3], 7, policy, return_state=True)
     lazy, next_position = state["lazy"], state["next_position"]
@@ -322,7 +322,7 @@ def test_lazy_defers_work_when_tokens_exit():
 
 
 def test_compiled_lazy_equals_eager():
-    adapter = DecoderAdapter.from_gpt(_model())
+    adapter = DecoderAdapter(_model())
     prompt = TOKENS[:, :4]
     policy = ExitPolicy("lazy", "margin", 0.02, max_pending=3)
     eager = generate(adapter, prompt, 10, policy)
@@ -332,7 +332,7 @@ def test_compiled_lazy_equals_eager():
 
 
 def test_decision_layers_limit_where_a_step_can_exit():
-    adapter = DecoderAdapter.from_gpt(_model())
+    adapter = DecoderAdapter(_model())
     policy = ExitPolicy("lazy", "max_prob", 0.0, decision_layers=(2,))
     _, exits = generate(adapter, TOKENS[:, :3], 6, policy)
     assert set(np.asarray(exits)[:, 1:].ravel()) == {2}
@@ -357,7 +357,7 @@ def _depth_dependent_adapter(max_length=32):
         if weight.path.endswith(("ffn/down/kernel", "attention_output/kernel")):
             std = 1.0 / np.sqrt(weight.shape[0])
             weight.assign(rng.normal(0.0, std, weight.shape).astype("float32"))
-    return DecoderAdapter.from_gpt(model)
+    return DecoderAdapter(model)
 
 
 @pytest.mark.parametrize(
@@ -392,7 +392,7 @@ def test_speculative_compiles_and_rejects_bad_settings():
 
     from toex_tf.inference.speculative import generate_speculative
 
-    adapter = DecoderAdapter.from_gpt(_model())
+    adapter = DecoderAdapter(_model())
     prompt = TOKENS[:, :4]
     eager = generate_speculative(adapter, prompt, 12, 2, 3)
     compiled = tf.function(lambda p: generate_speculative(adapter, p, 12, 2, 3))(prompt)

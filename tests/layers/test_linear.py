@@ -77,23 +77,23 @@ def test_bad_kernel_layout_is_named():
 
 def test_llama_saved_before_kernel_layout_loads_with_dense_kernels():
     model = build_llama("llama-tiny")
-    assert model.llama_config.kernel_layout == "out_in"
+    assert model.config.kernel_layout == "out_in"
     config = model.get_config()
     del config["kernel_layout"], config["fused_qkv"]  # a config written by an earlier version
     old = HierarchicalLlama.from_config(config)
-    assert old.llama_config.kernel_layout == "in_out"
-    assert not old.llama_config.fused_qkv
+    assert old.config.kernel_layout == "in_out"
+    assert not old.config.fused_qkv
     assert isinstance(old.blocks[0].block.self_attention.query_dense, keras.layers.Dense)
 
 
 def test_llama_saved_before_fused_qkv_loads_with_three_projections(tmp_path):
     model = build_llama("llama-tiny")
-    assert model.llama_config.fused_qkv
+    assert model.config.fused_qkv
     config = model.get_config()
     del config["fused_qkv"]  # written after kernel_layout, before fused_qkv
     old = HierarchicalLlama.from_config(config)
     attention = old.blocks[0].block.self_attention
-    assert not old.llama_config.fused_qkv and attention.qkv_dense is None
+    assert not old.config.fused_qkv and attention.qkv_dense is None
     assert isinstance(attention.query_dense, Linear)
     path = str(tmp_path / "old.keras")
     old.save(path)
@@ -124,9 +124,13 @@ def test_hf_weights_load_into_either_kernel_layout(tmp_path, kernel_layout, fuse
     )
     assign_hf_weights(target, tensors)
     np.testing.assert_allclose(
-        np.asarray(target(tokens)), np.asarray(source(tokens)), atol=1e-5, rtol=1e-5
+        np.asarray(target(tokens)["logits"]),
+        np.asarray(source(tokens)["logits"]),
+        atol=1e-5,
+        rtol=1e-5,
     )
-    assert not np.allclose(np.asarray(target(tokens)), np.asarray(target(tokens[:, ::-1])))
+    logits = np.asarray(target(tokens)["logits"])
+    assert not np.allclose(logits, np.asarray(target(tokens[:, ::-1])["logits"]))
     export_llama(target, str(tmp_path / "again"))
     again = read_safetensors(str(tmp_path / "again"))
     assert sorted(again) == sorted(tensors)

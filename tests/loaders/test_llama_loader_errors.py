@@ -116,7 +116,7 @@ def test_untampered_copy_loads(ckpt, source):
     """The baseline every error test departs from: the copy loads, weights in place."""
     model = load_llama(str(ckpt))
     tensors = _tensors(source)
-    config = model.llama_config
+    config = model.config
     query_width, kv_width = (
         heads * config.head_dim for heads in (config.num_heads, config.num_kv_heads)
     )
@@ -173,7 +173,7 @@ def test_tied_checkpoint_with_or_without_lm_head_copy(ckpt, keep_lm_head):
         del tensors["lm_head.weight"]
     _save_tensors(ckpt, tensors)
     model = load_llama(str(ckpt))
-    assert model.llama_config.tie_embeddings
+    assert model.config.tie_embeddings
     np.testing.assert_array_equal(np.asarray(model.token_embedding.embeddings), embedding)
 
 
@@ -431,7 +431,7 @@ def test_unsupported_rope_scaling_is_named(ckpt, change, rope_type):
 def test_plain_rope_variants_load_with_their_theta(ckpt, change):
     _save_config(ckpt, {**_config(ckpt), **change})
     model = load_llama(str(ckpt))
-    assert model.llama_config.rope_theta == pytest.approx(500.0)
+    assert model.config.rope_theta == pytest.approx(500.0)
 
 
 # --- Hub handles -----------------------------------------------------------------------

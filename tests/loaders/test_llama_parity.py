@@ -62,8 +62,8 @@ def test_full_mode_logits_match_transformers(checkpoint):
     assert ours.shape == (2, 12, TINY["vocab_size"])
     assert np.max(np.abs(ours - _hf_logits(hf, ids))) <= 1e-4
     # The config came from config.json, not from defaults.
-    assert model.llama_config.norm_epsilon == pytest.approx(1e-3)
-    assert model.llama_config.rope_theta == pytest.approx(500.0)
+    assert model.config.norm_epsilon == pytest.approx(1e-3)
+    assert model.config.rope_theta == pytest.approx(500.0)
 
 
 def test_bf16_checkpoint_loads_and_matches(tmp_path):
@@ -91,7 +91,7 @@ def test_tied_embeddings_match(tmp_path):
     hf = _hf_model(seed=3, tie_word_embeddings=True)
     hf.save_pretrained(tmp_path)
     model = load_llama(str(tmp_path))
-    assert model.llama_config.tie_embeddings
+    assert model.config.tie_embeddings
     ids = _ids(3)
     assert np.max(np.abs(np.asarray(model(ids)["logits"]) - _hf_logits(hf, ids))) <= 1e-4
 
@@ -99,7 +99,7 @@ def test_tied_embeddings_match(tmp_path):
 def test_cached_greedy_decoding_matches_transformers_generate(checkpoint):
     directory, hf = checkpoint
     model = load_llama(directory)
-    adapter = DecoderAdapter.from_llama(model)
+    adapter = DecoderAdapter(model)
     prompt = _ids(4, batch=2, seq=6)
     tokens, _ = generate(adapter, prompt, 24, ExitPolicy("full"))
     with torch.no_grad():

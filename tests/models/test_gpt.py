@@ -97,7 +97,7 @@ def test_model_with_learned_gates_round_trips_through_keras_file(tmp_path):
     path = tmp_path / "gated.keras"
     model.save(path)
     loaded = keras.saving.load_model(path)
-    assert loaded.gpt_config.learned_gates and loaded.gpt_config.learned_gate_units == 4
+    assert loaded.config.learned_gates and loaded.config.learned_gate_units == 4
     for a, b in zip(model(TOKENS)["exit_logits"], loaded(TOKENS)["exit_logits"]):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     hidden = np.random.default_rng(1).normal(size=(2, 5, 16)).astype("float32")
@@ -112,13 +112,13 @@ def test_config_saved_before_learned_gates_still_loads():
     config = build_gpt("tiny").get_config()
     del config["learned_gates"], config["learned_gate_units"]
     model = EarlyExitGPT.from_config(config)
-    assert not model.gpt_config.learned_gates and _learned_gates(model) == [None, None]
+    assert not model.config.learned_gates and _learned_gates(model) == [None, None]
 
 
 def test_add_learned_gates_keeps_every_weight_and_output():
     model = build_gpt("tiny", num_layers=3, exit_layers="1", capacity=0.5, layer_dropout=0.1)
     gated = add_learned_gates(model, hidden_units=4)
-    assert isinstance(gated, EarlyExitGPT) and gated.gpt_config.learned_gates
+    assert isinstance(gated, EarlyExitGPT) and gated.config.learned_gates
     assert [gate is not None for gate in _learned_gates(gated)] == [True, False, False]
     assert _learned_gates(gated)[0].hidden_units == 4
     source = {w.path: np.asarray(w) for w in model.weights}

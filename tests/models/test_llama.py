@@ -107,7 +107,7 @@ def test_calibrated_share_of_routed_tokens_matches_capacity():
 def test_cached_decoding_with_routers_equals_uncached_forward(routing):
     model = _model()
     _calibrate(model, 0.5)
-    adapter = DecoderAdapter.from_llama(model, routing=routing)
+    adapter = DecoderAdapter(model, routing=routing)
     if routing is None:  # the Functional call routes causally, as decoding does
         full = np.asarray(model(TOKENS)["logits"])
     else:
@@ -127,7 +127,7 @@ def test_cached_decoding_with_routers_equals_uncached_forward(routing):
 def test_never_exit_and_lazy_match_full_with_routers():
     model = _model()
     _calibrate(model, 0.5)
-    adapter = DecoderAdapter.from_llama(model)
+    adapter = DecoderAdapter(model)
     prompt = TOKENS[:, :4]
     reference, _ = generate(adapter, prompt, 12, ExitPolicy("full"))
     for mode in ("unfrozen", "frozen", "lazy"):
@@ -156,7 +156,7 @@ def test_never_exit_and_lazy_match_full_with_routers():
 
 def test_adapter_rejects_a_cache_longer_than_the_model():
     with pytest.raises(ValueError, match="exceeds the model's max_length"):
-        DecoderAdapter.from_llama(_model(), max_length=1000)
+        DecoderAdapter(_model(), max_length=1000)
 
 
 def test_gumbel_gate_samples_are_hard_with_a_straight_through_gradient():
@@ -188,7 +188,7 @@ def test_row_splits_keep_decoding_exact(monkeypatch):
 
     model = _model()
     _calibrate(model, 0.5)
-    adapter = DecoderAdapter.from_llama(model)
+    adapter = DecoderAdapter(model)
     prompt = TOKENS[:, :4]
     policies = [ExitPolicy("full")] + [ExitPolicy(m, "learned", 0.5) for m in ("frozen", "lazy")]
     whole = [generate(adapter, prompt, 10, policy) for policy in policies]

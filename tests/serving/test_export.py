@@ -69,7 +69,7 @@ def gpt_export(tmp_path_factory):
 
 
 def _python_generate(model, prompt, new_tokens, mode, threshold, **kwargs):
-    adapter = DecoderAdapter.from_model(model, **kwargs)
+    adapter = DecoderAdapter(model, **kwargs)
     tokens, exits = generate(
         adapter, np.array([prompt], "int32"), new_tokens, ExitPolicy(mode, "max_prob", threshold)
     )
@@ -79,7 +79,7 @@ def _python_generate(model, prompt, new_tokens, mode, threshold, **kwargs):
 def test_export_generates_what_python_generates(gpt_export):
     model, _, loaded = gpt_export
     ids, lengths = right_padded(PROMPTS)
-    adapter = DecoderAdapter.from_model(model)
+    adapter = DecoderAdapter(model)
     prompt, mask = pad_prompts(PROMPTS)  # a padded batch generates what each row does alone
     full_tokens, _ = generate_with_export(loaded, ids, lengths, 10, 0.0, "full")
     for mode in EXPORT_MODES:
@@ -118,7 +118,7 @@ def test_export_has_no_xla_ops_and_named_signatures(gpt_export):
 def test_score_equals_python_exit_logits_row_by_row(gpt_export):
     model, _, loaded = gpt_export
     ids, lengths = right_padded(SCORE_ROWS)
-    adapter = DecoderAdapter.from_model(model)
+    adapter = DecoderAdapter(model)
     scored = {}
     for mode in EXPORT_MODES:
         for threshold in THRESHOLDS:
@@ -334,7 +334,7 @@ def test_llama_with_exits_and_routers_exports(tmp_path):
     loaded = tf.saved_model.load(directory)
     ids, lengths = right_padded(PROMPTS)
     score_ids, score_lengths = right_padded(SCORE_ROWS)
-    adapter = DecoderAdapter.from_model(model)
+    adapter = DecoderAdapter(model)
     prompt, mask = pad_prompts(PROMPTS)
     settings = (
         ("full", 0.5),

@@ -188,7 +188,7 @@ def _model_and_stop(tokenizer):
     for _ in range(150):
         step()
     prompt, mask = pad_prompts([tokenizer.encode(p) for p in PROMPTS])
-    adapter = DecoderAdapter.from_model(model)
+    adapter = DecoderAdapter(model)
     policy = ExitPolicy("lazy", "max_prob", 0.45)
     tokens = np.asarray(generate(adapter, prompt, 10, policy, padding_mask=mask)[0])
     for row in tokens:
@@ -214,7 +214,7 @@ def text_exports(tokenizers, tmp_path_factory):
 def test_generate_text_equals_python(tokenizers, text_exports, name):
     tokenizer = tokenizers[name]
     model, stop, _, loaded = text_exports[name]
-    adapter = DecoderAdapter.from_model(model)
+    adapter = DecoderAdapter(model)
     prompt, mask = pad_prompts([tokenizer.encode(p) for p in PROMPTS])
     cut = early = 0
     for mode in EXPORT_MODES:

@@ -74,7 +74,7 @@ def test_exit_depth_threshold_hits_a_target_depth():
     for gate in model.gates:
         gate.kernel.assign(rng.normal(0, 1, gate.kernel.shape).astype("float32"))
     inputs, _ = _data()
-    adapter = DecoderAdapter.from_llama(model)
+    adapter = DecoderAdapter(model)
     for target in (1.8, 2.5, 3.2):
         threshold = exit_depth_threshold(model, inputs, target)
         assert 0 < threshold < 1

@@ -45,15 +45,6 @@ class DecoderAdapter:
         attention = self.blocks[0].block.self_attention
         self.kv_heads, self.head_dim = attention.num_kv_heads, attention.head_dim
 
-    @classmethod
-    def from_model(cls, model, **kwargs) -> "DecoderAdapter":
-        """`DecoderAdapter(model, **kwargs)` (the name earlier versions used)."""
-        return cls(model, **kwargs)
-
-    # The names earlier versions used, one per family; the adapter no longer needs them.
-    from_gpt = from_model
-    from_llama = from_model
-
     @property
     def num_layers(self) -> int:
         return len(self.blocks)

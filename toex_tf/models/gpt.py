@@ -152,11 +152,6 @@ class EarlyExitGPT(AdaptiveModel, keras.Model):
         self.exit_signals = exit_signals
         self.seed = seed
 
-    @property
-    def gpt_config(self) -> GPTConfig:
-        """The config (`config`; the name earlier versions used)."""
-        return self.config
-
     def embed_tokens(self, token_ids, start_index=0, position_ids=None):
         """Token plus learned position embeddings (`AdaptiveModel`)."""
         embedded = self.token_embedding(token_ids, mode="embed")

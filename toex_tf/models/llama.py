@@ -171,11 +171,6 @@ class HierarchicalLlama(AdaptiveModel, keras.Model):
         self.config = config
         self.set_phase("frozen")
 
-    @property
-    def llama_config(self) -> LlamaConfig:
-        """The config (`config`; the name earlier versions used)."""
-        return self.config
-
     def embed_tokens(self, token_ids, start_index=0, position_ids=None):
         """Token embeddings (`AdaptiveModel`). RoPE is applied inside attention and is
         relative, so positions (and a left-padded row's shift) need nothing here."""
