@@ -182,19 +182,3 @@ def test_load_a_hugging_face_checkpoint_directory(run_dir, tmp_path):
     assert [r.token_ids for r in results] == np.asarray(tokens).tolist()
     with pytest.raises(TypeError, match="apply to Llama checkpoints"):
         toex_tf.load(str(run_dir), capacity=0.5)
-
-
-def test_export_writes_a_saved_model_that_generates_the_same_tokens(run_dir, tmp_path):
-    import tensorflow as tf  # noqa: PLC0415
-
-    from toex_tf.export import generate_with_export  # noqa: PLC0415
-
-    lm = toex_tf.load(str(run_dir))
-    directory = lm.export(str(tmp_path / "saved"), decision_layers=(1,))
-    loaded = tf.saved_model.load(directory)
-    ids = list(b"abc")
-    tokens, exits = generate_with_export(loaded, [ids], [3], 6, 0.02, "lazy")
-    expected = lm.generate([ids], max_new_tokens=6, mode="lazy", threshold=0.02)[0]
-    n = len(expected.token_ids)
-    assert list(tokens[0][:n]) == expected.token_ids
-    assert list(exits[0][:n]) == expected.exit_layers

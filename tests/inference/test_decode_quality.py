@@ -7,13 +7,9 @@ import numpy as np
 import pytest
 
 from toex_tf.analysis.exit_eval import exit_indices
-from toex_tf.analysis.quality import (
-    compare_modes,
-    exit_logits,
-    score_decoding,
-    summarize_scores,
-)
+from toex_tf.analysis.quality import compare_modes, score_decoding, summarize_scores
 from toex_tf.inference import DecoderAdapter, ExitPolicy, generate
+from toex_tf.inference.teacher_forced import exit_logits
 from toex_tf.layers.top_k_confidence_gate import TopKConfidenceGate
 from toex_tf.models import build_gpt
 from toex_tf.models.gpt import with_exit_signals
