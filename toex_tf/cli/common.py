@@ -32,17 +32,18 @@ def model_source() -> str:
     return FLAGS.init_from or FLAGS.output_dir
 
 
-def load_run_model(policy=None):
+def load_run_model(policy=None, trained_here: bool = False):
     """The model this run reads, with its tokenizer, as an `AdaptiveLM` (either family).
 
     `--init_from` (a run directory, a `.keras` file, a checkpoint or a handle) or
     OUTPUT_DIR. A Llama checkpoint gets the exits of `--llama_exit_layers` and the
-    routers of `--capacity`; a `.keras` model keeps its own.
+    routers of `--capacity`; a `.keras` model keeps its own. `trained_here`: the model
+    this run has just trained into OUTPUT_DIR, whatever `--init_from` says.
     """
     from toex_tf.api import load, source_kind  # noqa: PLC0415 - TensorFlow after the flags
 
-    source = model_source()
-    if not FLAGS.init_from and not os.path.isfile(os.path.join(source, "model.keras")):
+    source = FLAGS.output_dir if trained_here else model_source()
+    if source == FLAGS.output_dir and not os.path.isfile(os.path.join(source, "model.keras")):
         raise ValueError(
             f"no model at {os.path.join(source, 'model.keras')!r}: --mode={FLAGS.mode} needs "
             "--init_from (a run directory, .keras file, checkpoint or handle) or a model "

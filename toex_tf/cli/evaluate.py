@@ -25,9 +25,10 @@ def run() -> dict:
     return results
 
 
-def evaluate() -> dict:
-    """The family's evaluation of the run's model (also after `--mode=train_and_eval`)."""
-    lm = load_run_model()
+def evaluate(trained_here: bool = False) -> dict:
+    """The family's evaluation of the run's model; `trained_here`: the model this run has
+    just trained into OUTPUT_DIR (`--mode=train_and_eval`), not `--init_from`'s."""
+    lm = load_run_model(trained_here=trained_here)
     prepared = prepared_data(lm.tokenizer)
     if FLAGS.model == "llama":
         return _llama_table(lm.model, prepared)

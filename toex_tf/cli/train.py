@@ -21,7 +21,7 @@ from toex_tf.config import gpt_preset
 def run() -> dict:
     outcome = _train_llama() if FLAGS.model == "llama" else _train_gpt()
     if FLAGS.mode == "train_and_eval":
-        outcome["results"] = evaluate.evaluate()
+        outcome["results"] = evaluate.evaluate(trained_here=True)
     append_to_config_log(**outcome)
     return outcome
 
