@@ -10,7 +10,6 @@ fields as keyword arguments that override the default for one call.
 """
 
 import dataclasses
-import json
 import os
 
 import numpy as np
@@ -396,14 +395,3 @@ def load(source: str, policy: ExitPolicy | None = None, max_length=None, **loade
 
         tokenizer = load_tokenizer(saved)
     return AdaptiveLM(model, tokenizer, policy, max_length)
-
-
-def save_generations(path: str, generations, settings: dict) -> None:
-    """Writes generations and their settings as JSON (`--mode=generate`'s file)."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(
-            {"results": [g.to_dict() for g in generations], "settings": settings},
-            f,
-            indent=2,
-            ensure_ascii=False,
-        )
