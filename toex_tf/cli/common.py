@@ -53,11 +53,12 @@ def load_run_model(policy=None, trained_here: bool = False):
     if found is None:
         raise ValueError(
             f"no model at --init_from={source!r}: expected a run directory with model.keras, "
-            "a .keras file or a checkpoint directory with config.json."
+            "a .keras file, a checkpoint directory with config.json, or a GGUF file or "
+            "handle (smollm2)."
         )
     kind = found[0]
     options = {}
-    if kind == "checkpoint":
+    if kind in ("checkpoint", "gguf"):
         options = {"exit_layers": llama_exit_layers(), "capacity": FLAGS.capacity}
     return load(source, policy=policy, **options)
 

@@ -24,7 +24,13 @@ class HFJsonTokenizer(Tokenizer):
             no eos token is found.
     """
 
-    def __init__(self, json_file: str, eos_token: str | None = None):
+    def __init__(
+        self,
+        json_file: str,
+        eos_token: str | None = None,
+        bos_token: str | None = None,
+        add_bos: bool = False,
+    ):
         try:
             import tokenizers  # Lazy: only checkpoints with a tokenizer.json need it.
         except ImportError:
@@ -44,6 +50,38 @@ class HFJsonTokenizer(Tokenizer):
             raise ValueError(f"{json_file!r} has none of the eos tokens {list(candidates)}.")
         self._eos_id = ids[0]
         self.json_file = json_file
+        self._set_bos(bos_token and self._tokenizer.token_to_id(bos_token), add_bos, json_file)
+
+    @classmethod
+    def from_backend(
+        cls, backend, eos_id: int, bos_id: int | None = None, add_bos: bool = False, source=""
+    ) -> HFJsonTokenizer:
+        """Wraps a built `tokenizers.Tokenizer` (for example from GGUF metadata).
+
+        Args:
+            backend: the `tokenizers.Tokenizer`.
+            eos_id: the end-of-sequence id.
+            bos_id: the beginning-of-sequence id, or None.
+            add_bos: prepend `bos_id` in `encode`.
+            source: where it came from, for messages and `repr`.
+        """
+        if not 0 <= eos_id < backend.get_vocab_size():
+            raise ValueError(
+                f"eos_id {eos_id} of {source or 'the tokenizer'} is outside its vocabulary "
+                f"of {backend.get_vocab_size()}."
+            )
+        tokenizer = cls.__new__(cls)
+        tokenizer._tokenizer = backend
+        tokenizer._eos_id = int(eos_id)
+        tokenizer.json_file = source
+        tokenizer._set_bos(bos_id, add_bos, source)
+        return tokenizer
+
+    def _set_bos(self, bos_id, add_bos: bool, source: str) -> None:
+        if add_bos and bos_id is None:
+            raise ValueError(f"{source}: add_bos needs a bos token that is in the vocabulary.")
+        self.bos_id = None if bos_id is None else int(bos_id)
+        self.add_bos = bool(add_bos)
 
     @property
     def vocab_size(self) -> int:
@@ -54,7 +92,8 @@ class HFJsonTokenizer(Tokenizer):
         return self._eos_id
 
     def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if self.add_bos else ids
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tokenizer.decode([int(i) for i in ids])
@@ -62,7 +101,17 @@ class HFJsonTokenizer(Tokenizer):
     def save(self, directory: str) -> str:
         os.makedirs(directory, exist_ok=True)
         self._tokenizer.save(os.path.join(directory, HF_JSON_FILE))
-        return write_manifest(directory, {"type": "hf_json", "json_file": HF_JSON_FILE})
+        bos_token = None if self.bos_id is None else self._tokenizer.id_to_token(self.bos_id)
+        return write_manifest(
+            directory,
+            {
+                "type": "hf_json",
+                "json_file": HF_JSON_FILE,
+                "eos_token": self._tokenizer.id_to_token(self._eos_id),
+                "bos_token": bos_token,
+                "add_bos": self.add_bos,
+            },
+        )
 
     def __repr__(self) -> str:
         return f"HFJsonTokenizer({self.json_file!r}, vocab_size={self.vocab_size})"

@@ -403,7 +403,12 @@ def load_tokenizer(directory: str) -> Tokenizer:
     if kind == "hf_json":
         from toex_tf.data.hf_tokenizer import HF_JSON_FILE, HFJsonTokenizer  # noqa: PLC0415
 
-        return HFJsonTokenizer(os.path.join(directory, manifest.get("json_file", HF_JSON_FILE)))
+        return HFJsonTokenizer(
+            os.path.join(directory, manifest.get("json_file", HF_JSON_FILE)),
+            eos_token=manifest.get("eos_token"),
+            bos_token=manifest.get("bos_token"),
+            add_bos=bool(manifest.get("add_bos", False)),
+        )
     raise ValueError(
         f"tokenizer manifest {manifest_path!r} has type {kind!r}; expected one of "
         f"{list(TOKENIZER_KINDS)}."

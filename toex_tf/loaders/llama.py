@@ -255,8 +255,18 @@ def weight_table(model) -> list[WeightSlot]:
     return table
 
 
-def assign_hf_weights(model, tensors: dict, source: str = "checkpoint") -> None:
+def _shape(tensors, key: str) -> tuple:
+    # A lazy mapping (`GGUFTensors`) gives shapes from its header without reading data.
+    shape = getattr(tensors, "shape", None)
+    return tuple(shape(key)) if callable(shape) else tuple(np.shape(tensors[key]))
+
+
+def assign_hf_weights(model, tensors, source: str = "checkpoint") -> None:
     """Assigns Hugging Face Llama `tensors` to `model`'s base, checking every key and shape.
+
+    `tensors` is a mapping from Hugging Face keys to arrays: a dict, or a lazy mapping
+    with a `shape(key)` method (`toex_tf.loaders.gguf_file.GGUFTensors`) whose values
+    are read one at a time, as they are assigned.
 
     The non-final exits' norms start as copies of the final norm (`model.norm`); routers
     and gates keep their fresh initialisation (they are trained on the frozen base).
@@ -265,15 +275,16 @@ def assign_hf_weights(model, tensors: dict, source: str = "checkpoint") -> None:
         CheckpointError: missing or unexpected keys, or a shape mismatch, named.
     """
     table = weight_table(model)
+    named = getattr(tensors, "gguf_name", lambda key: key)  # GGUF files name their own
     expected = {slot.key for slot in table}
     present = {key for key in tensors if not key.endswith(IGNORED_SUFFIXES)}
     if model.config.tie_embeddings:
         present.discard("lm_head.weight")  # some tied checkpoints store the copy
-    missing = sorted(expected - present)
+    missing = sorted(named(key) for key in expected - present)
     if missing:
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise CheckpointError(f"{source}: {len(missing)} missing weight(s): {shown}")
-    unexpected = sorted(present - expected)
+    unexpected = sorted(named(key) for key in present - expected)
     if unexpected:
         shown = ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else "")
         raise CheckpointError(
@@ -283,12 +294,12 @@ def assign_hf_weights(model, tensors: dict, source: str = "checkpoint") -> None:
     for slot in table:  # every shape first: nothing is assigned unless all fit
         shape = tuple(slot.variable.shape)
         target_shape = np.broadcast_to(np.empty((), bool), shape)[slot.region()].shape
-        value_shape = tuple(np.shape(tensors[slot.key]))
+        value_shape = _shape(tensors, slot.key)
         if (value_shape[::-1] if slot.transpose else value_shape) != target_shape:
             wanted = target_shape[::-1] if slot.transpose else target_shape
             raise CheckpointError(
-                f"{source}: weight {slot.key!r} has shape {value_shape}; the config expects "
-                f"{wanted}."
+                f"{source}: weight {named(slot.key)!r} has shape {value_shape}; the config "
+                f"expects {wanted}."
             )
     fused = {}  # id(variable) -> its row-block slots: filled into one array, then assigned
     for slot in table:
@@ -305,7 +316,7 @@ def assign_hf_weights(model, tensors: dict, source: str = "checkpoint") -> None:
             value = np.asarray(tensors[slot.key])
             whole[slot.region()] = value.T if slot.transpose else value
         variable.assign(whole)
-    final_norm = tensors["model.norm.weight"]
+    final_norm = tensors["model.norm.weight"]  # read once: a lazy mapping dequantizes
     for block in model.blocks[:-1]:
         if block.exit_norm is not None:
             block.exit_norm.scale.assign(np.asarray(final_norm).astype("float32"))
@@ -322,7 +333,9 @@ def load_llama(
     """Loads a Llama checkpoint as a `HierarchicalLlama`.
 
     Args:
-        handle: a local directory, `hf://org/name`, `kaggle://...` or a TF-Hub handle.
+        handle: a local directory, `hf://org/name`, `kaggle://...` or a TF-Hub handle;
+            or a GGUF file (`file.gguf`) or a GGUF handle (`"smollm2"`, see
+            `toex_tf.loaders.gguf_file`).
         exit_layers: the exits (1-based layers) besides the final one; `()` none.
         capacity: FFN routing capacity in (0, 1]; `1.0`: no routers.
         dtype: the model's dtype policy (`"float32"`, `"bfloat16"`, ...). The weights
@@ -336,8 +349,13 @@ def load_llama(
         The model, base frozen. `model(token_ids)` on int32 `(batch, seq)` returns
         `{"logits": (batch, seq, vocab), "exit_logits": [...]}` (`AdaptiveModel`).
     """
+    from toex_tf.loaders.gguf_file import is_gguf_source, load_gguf_llama  # noqa: PLC0415
     from toex_tf.models.llama import build_llama  # noqa: PLC0415 - models import loaders
 
+    if is_gguf_source(handle):
+        return load_gguf_llama(
+            handle, exit_layers, capacity, dtype, load_tokenizer, **overrides
+        )
     directory = resolve_handle(handle)
     config_path = os.path.join(directory, CONFIG_FILE)
     config = llama_config_from_hf(
