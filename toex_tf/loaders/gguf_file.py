@@ -123,8 +123,7 @@ def open_gguf(path: str):
         reader = gguf.GGUFReader(path)
     except Exception as error:  # noqa: BLE001 - the reader raises ValueError, IndexError, ...
         raise CheckpointError(
-            f"cannot read {path}: truncated or corrupt GGUF file ({type(error).__name__}: "
-            f"{error})."
+            f"cannot read {path}: truncated or corrupt GGUF file ({type(error).__name__}: {error})."
         ) from error
     size = os.path.getsize(path)
     for tensor in reader.tensors:
@@ -221,6 +220,19 @@ def hf_key(gguf_name: str) -> str | None:
     return None
 
 
+def gguf_name(key: str) -> str:
+    """The llama.cpp tensor name of a Hugging Face key (`hf_key`'s inverse), or `key`."""
+    for name, hf in _GLOBAL_NAMES.items():
+        if hf == key:
+            return name
+    parts = key.split(".")
+    if len(parts) == 6 and parts[:2] == ["model", "layers"] and parts[5] == "weight":
+        for name, hf in _BLOCK_NAMES.items():
+            if hf == ".".join(parts[3:5]):
+                return f"blk.{parts[2]}.{name}.weight"
+    return key
+
+
 def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     """Undoes llama.cpp's Q/K row permutation (`convert_hf_to_gguf.py`'s `permute`).
 
@@ -231,9 +243,7 @@ def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     rows = weight.shape[0]
     half = rows // num_heads // 2
     return (
-        weight.reshape(num_heads, half, 2, *weight.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weight.shape)
+        weight.reshape(num_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
     )
 
 
@@ -266,9 +276,10 @@ class GGUFTensors(Mapping):
                 f"{path}: {len(unknown)} tensor(s) that a plain Llama does not have: {shown}"
             )
 
-    def gguf_name(self, key: str) -> str:
+    @staticmethod
+    def gguf_name(key: str) -> str:
         """The llama.cpp name of the Hugging Face `key` (for messages)."""
-        return self._tensors[key].name if key in self._tensors else key
+        return gguf_name(key)
 
     def shape(self, key: str) -> tuple:
         # GGUF lists dimensions innermost first; NumPy (and Hugging Face) outermost first.
@@ -357,9 +368,7 @@ def _byte_level_pre_tokenizer(pre: str, path: str):
     if pre in ("default", "gpt2"):
         return byte_level
     if pre == "smollm":
-        return pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
-        )
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     if pre in ("llama-bpe", "llama3", "llama-v3"):
         return pre_tokenizers.Sequence(
             [

@@ -353,9 +353,7 @@ def load_llama(
     from toex_tf.models.llama import build_llama  # noqa: PLC0415 - models import loaders
 
     if is_gguf_source(handle):
-        return load_gguf_llama(
-            handle, exit_layers, capacity, dtype, load_tokenizer, **overrides
-        )
+        return load_gguf_llama(handle, exit_layers, capacity, dtype, load_tokenizer, **overrides)
     directory = resolve_handle(handle)
     config_path = os.path.join(directory, CONFIG_FILE)
     config = llama_config_from_hf(
