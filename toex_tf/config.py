@@ -165,6 +165,10 @@ class LlamaConfig:
     router_entropy_weight: float = 1e-3
     router_predictor_weight: float = 1e-2
     router_hidden_dim: int = 64
+    # Token-local adapters in front of the non-final exits (`ExitAdapter`): "none",
+    # "linear" or "mlp" (`exit_adapter_units` wide). A frozen pretrained base needs one.
+    exit_adapter: str = "none"
+    exit_adapter_units: int = 1024
     # Projection kernels stored (out, in), as in HF checkpoints: 11% faster batch-1
     # decoding with TensorFlow on CPU (`toex_tf.layers.Linear`). "in_out": keras Dense.
     kernel_layout: str = "out_in"
@@ -208,6 +212,13 @@ class LlamaConfig:
         self.exit_layers = resolve_exit_layers(self.exit_layers, self.num_layers)
         if self.output_embedding_mode == "shortlist":
             self.shortlist_size = min(self.shortlist_size, self.vocab_size)
+        if self.exit_adapter not in ("none", "linear", "mlp"):
+            raise ValueError(
+                f"exit_adapter must be 'none', 'linear' or 'mlp'; got {self.exit_adapter!r}."
+            )
+        units = self.exit_adapter_units
+        if isinstance(units, bool) or not isinstance(units, int) or units < 1:
+            raise ValueError(f"exit_adapter_units must be a positive int; got {units!r}.")
         if not isinstance(self.fused_qkv, bool):
             raise ValueError(f"fused_qkv must be a bool; got {self.fused_qkv!r}.")
         if self.kernel_layout not in ("in_out", "out_in"):

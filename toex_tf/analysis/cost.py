@@ -80,10 +80,15 @@ class CostModel:
         elif embedding.mode == "shortlist":
             checked_logits = embedding.shortlist_size
         gate = 3 * checked_logits  # softmax (exp, sum, divide) and top-2 over the logits
+        # An exit adapter runs at every check (the cheap head reads its output).
+        adapter = max(
+            (b.exit_adapter.macs_per_token(hidden) for b in model.blocks if b.exit_adapter),
+            default=0,
+        )
         return cls(
             layer_macs=float(layer),
             full_head_macs=float(head["full_head_macs"] + hidden),
-            check_macs=float(check_head + hidden + gate),
+            check_macs=float(check_head + hidden + gate + adapter),
             num_layers=model.num_layers,
             kv_macs=parts["kv"],
         )

@@ -131,7 +131,7 @@ def decode_step(
                 )
             else:
                 hidden, caches = run_layers(adapter, layers, hidden, caches, position, padding)
-            normed = block.exit_norm(hidden)
+            normed = block.exit_normed(hidden)
             if end == num_layers:
                 chosen = ops.where(decided[:, None, None], chosen, normed)
                 return hidden, caches, decided, exit_layer, chosen, lazy, memory

@@ -3,6 +3,7 @@
 from toex_tf.layers.causal_self_attention import CausalSelfAttention
 from toex_tf.layers.cross_attention import CrossAttention
 from toex_tf.layers.early_exit_block import EarlyExitBlock
+from toex_tf.layers.exit_adapter import ADAPTER_KINDS, ExitAdapter
 from toex_tf.layers.feed_forward import FeedForward
 from toex_tf.layers.learned_exit_gate import GumbelExitGate, LearnedExitGate
 from toex_tf.layers.lightweight_output_embedding import LightweightOutputEmbedding
@@ -15,10 +16,12 @@ from toex_tf.layers.top_k_confidence_gate import CRITERIA, TopKConfidenceGate
 from toex_tf.layers.transformer_block import TransformerBlock
 
 __all__ = [
+    "ADAPTER_KINDS",
     "CRITERIA",
     "CausalSelfAttention",
     "CrossAttention",
     "EarlyExitBlock",
+    "ExitAdapter",
     "FeedForward",
     "GumbelExitGate",
     "LearnedExitGate",

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from toex_tf.layers.exit_adapter import ExitAdapter
 from toex_tf.layers.learned_exit_gate import LearnedExitGate
 from toex_tf.layers.lightweight_output_embedding import LightweightOutputEmbedding
 from toex_tf.layers.top_k_confidence_gate import TopKConfidenceGate
@@ -19,13 +20,13 @@ def _deserialize(value):
 class EarlyExitBlock(keras.layers.Layer):
     """Wraps any transformer block with an optional exit head and gate.
 
-    The exit head is `norm → output embedding`. The output embedding is usually the
+    The exit head is `[adapter →] norm → output embedding`. The output embedding is usually the
     model's shared, tied `LightweightOutputEmbedding` (one instance passed to every
     exit, as in CALM and LayerSkip); `.keras` saving keeps the sharing. The gate turns
     the cheap logits of that embedding into a per-token exit decision, so a confidence
     check never pays for the full vocabulary projection. An optional `LearnedExitGate`
     gives a second confidence, read from the normed hidden state with no vocabulary
-    projection at all (`block.learned_gate(block.exit_norm(hidden))`).
+    projection at all (`block.learned_gate(block.exit_normed(hidden))`).
 
     With `layer_dropout > 0`, training skips the whole block for a random share of the
     sequences (the block's output is replaced by its input), which makes later layers
@@ -44,6 +45,9 @@ class EarlyExitBlock(keras.layers.Layer):
             a default `TopKConfidenceGate()`. Defaults to `None`.
         learned_gate: `LearnedExitGate` (or config) or None. Needs an exit head; it is
             built on the hidden size and saved with the block. Defaults to `None`.
+        exit_adapter: `ExitAdapter` (or config) or None: a token-local map applied
+            before the exit norm (`exit_normed`), for exits on a frozen pretrained
+            base. Needs an exit head. Defaults to `None`.
         layer_dropout: float in [0, 1), the training-time probability of skipping the
             block. Defaults to `0.0`.
         seed: int or None, seed of the layer-dropout draws. Defaults to `None`.
@@ -86,6 +90,7 @@ class EarlyExitBlock(keras.layers.Layer):
         layer_dropout: float = 0.0,
         seed: int | None = None,
         learned_gate=None,
+        exit_adapter=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -93,6 +98,7 @@ class EarlyExitBlock(keras.layers.Layer):
         output_embedding = _deserialize(output_embedding)
         gate = _deserialize(gate)
         learned_gate = _deserialize(learned_gate)
+        exit_adapter = _deserialize(exit_adapter)
         if not isinstance(block, keras.layers.Layer):
             raise TypeError(f"block must be a keras Layer; got {type(block).__name__}.")
         if output_embedding is not None and not isinstance(
@@ -112,6 +118,12 @@ class EarlyExitBlock(keras.layers.Layer):
                 "learned_gate needs an exit head: pass output_embedding too, or "
                 "learned_gate=None for a block without an exit."
             )
+        if exit_adapter is not None and not isinstance(exit_adapter, ExitAdapter):
+            raise TypeError(
+                f"exit_adapter must be an ExitAdapter or None; got {type(exit_adapter).__name__}."
+            )
+        if exit_adapter is not None and output_embedding is None:
+            raise ValueError("exit_adapter needs an exit head: pass output_embedding too.")
         if not 0.0 <= layer_dropout < 1.0:
             raise ValueError(f"layer_dropout must be in [0, 1); got {layer_dropout}.")
         if output_embedding is not None and gate is None:
@@ -122,6 +134,7 @@ class EarlyExitBlock(keras.layers.Layer):
         self.norm_epsilon = norm_epsilon
         self.gate = gate if output_embedding is not None else None
         self.learned_gate = learned_gate
+        self.exit_adapter = exit_adapter
         self.layer_dropout = float(layer_dropout)
         self.seed = seed
 
@@ -142,19 +155,28 @@ class EarlyExitBlock(keras.layers.Layer):
                 self.output_embedding.build()
             if self.learned_gate is not None and not self.learned_gate.built:
                 self.learned_gate.build(input_shape)
+            if self.exit_adapter is not None and not self.exit_adapter.built:
+                self.exit_adapter.build(input_shape)
         self.seed_generator = None
         if self.layer_dropout > 0:
             self.seed_generator = keras.random.SeedGenerator(self.seed, name="layer_dropout")
 
+    def exit_normed(self, hidden):
+        """What the exit head reads: `exit_norm(exit_adapter(hidden))` (no adapter: the
+        norm alone). Gates and heads all read this."""
+        if self.exit_adapter is not None:
+            hidden = self.exit_adapter(hidden)
+        return self.exit_norm(hidden)
+
     def exit_logits(self, hidden):
         """Full-vocabulary logits of this exit for `hidden` (run at the exit taken)."""
-        return self.output_embedding(self.exit_norm(hidden), mode="logits")
+        return self.output_embedding(self.exit_normed(hidden), mode="logits")
 
     def exit_signals(self, hidden, threshold=None, normed=None):
         """Gate signals: `cheap_logits`, `confidence` and `exit` from the cheap head, and
         `learned_confidence` from the learned gate when there is one."""
         if normed is None:
-            normed = self.exit_norm(hidden)
+            normed = self.exit_normed(hidden)
         cheap_logits = self.output_embedding(normed, mode="cheap_logits")
         confidence, exit_decision = self.gate(cheap_logits, threshold=threshold)
         signals = {"cheap_logits": cheap_logits, "confidence": confidence, "exit": exit_decision}
@@ -206,7 +228,7 @@ class EarlyExitBlock(keras.layers.Layer):
             hidden = ops.where(keep, hidden, inputs)
         outputs = [hidden]
         if self.has_exit:
-            normed = self.exit_norm(hidden)
+            normed = self.exit_normed(hidden)
             outputs.append(self.output_embedding(normed, mode="logits"))
             if return_exit_signals:
                 outputs.append(self.exit_signals(hidden, threshold=threshold, normed=normed))
@@ -254,4 +276,5 @@ class EarlyExitBlock(keras.layers.Layer):
             "layer_dropout": self.layer_dropout,
             "seed": self.seed,
             "learned_gate": keras.saving.serialize_keras_object(self.learned_gate),
+            "exit_adapter": keras.saving.serialize_keras_object(self.exit_adapter),
         }

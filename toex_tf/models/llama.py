@@ -5,6 +5,7 @@ import keras
 from toex_tf.config import LlamaConfig, llama_preset
 from toex_tf.layers import (
     EarlyExitBlock,
+    ExitAdapter,
     GumbelExitGate,
     LightweightOutputEmbedding,
     SkipRouter,
@@ -22,7 +23,9 @@ class HierarchicalLlama(AdaptiveModel, keras.Model):
 
     - Vertical: exits at a few layers (default 4, 8, 12, 16 and 19 of 22). Each exit has
       an RMSNorm, the shared (untied) LM head of `LightweightOutputEmbedding`, and a
-      `GumbelExitGate` trained with straight-through Gumbel samples.
+      `GumbelExitGate` trained with straight-through Gumbel samples; with
+      `exit_adapter`, an `ExitAdapter` in front of the norm (a frozen pretrained base's
+      middle layers need one before the shared head can read them).
     - Horizontal: a `SkipRouter` around every layer's SwiGLU FFN. In training, the top
       `capacity` share of the tokens of a sequence runs the FFN; at decode time the
       router's causal predictor decides, and a token that skips the FFN still writes its
@@ -75,6 +78,8 @@ class HierarchicalLlama(AdaptiveModel, keras.Model):
         router_entropy_weight: float = 1e-3,
         router_predictor_weight: float = 1e-2,
         router_hidden_dim: int = 64,
+        exit_adapter: str = "none",
+        exit_adapter_units: int = 1024,
         kernel_layout: str = "out_in",
         fused_qkv: bool = True,
         **kwargs,
@@ -103,6 +108,8 @@ class HierarchicalLlama(AdaptiveModel, keras.Model):
             router_entropy_weight=router_entropy_weight,
             router_predictor_weight=router_predictor_weight,
             router_hidden_dim=router_hidden_dim,
+            exit_adapter=exit_adapter,
+            exit_adapter_units=exit_adapter_units,
             kernel_layout=kernel_layout,
             fused_qkv=fused_qkv,
         )
@@ -128,7 +135,7 @@ class HierarchicalLlama(AdaptiveModel, keras.Model):
         exit_logits = []
         for layer in range(1, config.num_layers + 1):
             has_exit = layer in config.exit_layers
-            gate = None
+            gate = adapter = None
             if has_exit and layer < config.num_layers:  # the final exit is always taken
                 gate = GumbelExitGate(
                     forward_temperature=config.gate_forward_temperature,
@@ -136,6 +143,14 @@ class HierarchicalLlama(AdaptiveModel, keras.Model):
                     hidden_units=config.gate_units,
                     name="learned_gate",
                 )
+                if config.exit_adapter != "none":
+                    adapter = ExitAdapter(
+                        config.exit_adapter,
+                        units=config.exit_adapter_units,
+                        norm_epsilon=config.norm_epsilon,
+                        dtype=dtype,
+                        name="exit_adapter",
+                    )
             block = EarlyExitBlock(
                 TransformerBlock(
                     num_heads=config.num_heads,
@@ -158,6 +173,7 @@ class HierarchicalLlama(AdaptiveModel, keras.Model):
                 norm_type="rms_norm",
                 norm_epsilon=config.norm_epsilon,
                 learned_gate=gate,
+                exit_adapter=adapter,
                 dtype=dtype,
                 name=f"block_{layer}",
             )
@@ -182,7 +198,8 @@ class HierarchicalLlama(AdaptiveModel, keras.Model):
         - `"base"`: every base weight (pretraining from scratch); routers and gates are
           frozen.
         - `"routers"`: the routers' scores and causal predictors.
-        - `"exits"`: the exit gates and the norms of the non-final exits; routers frozen.
+        - `"exits"`: the exit gates, adapters and the norms of the non-final exits;
+          routers frozen.
         - `"full"`: routers, gates and non-final exit norms together.
         - `"frozen"`: nothing (inference; the state after construction and loading).
 
@@ -215,6 +232,8 @@ class HierarchicalLlama(AdaptiveModel, keras.Model):
                 block.exit_norm.trainable = base if final else phase in ("exits", "full")
             if block.learned_gate is not None:
                 block.learned_gate.trainable = phase in ("exits", "full")
+            if block.exit_adapter is not None:
+                block.exit_adapter.trainable = phase in ("exits", "full")
 
     def get_config(self):
         return {"name": self.name, "trainable": self.trainable, **self.config.to_dict()}

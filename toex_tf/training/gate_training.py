@@ -1,7 +1,7 @@
 """Training the learned exit gates (CALM's learned classifier) on a frozen model.
 
 For every token of every window, each gated exit gets a feature, its normed hidden
-state (the `exit_norm` output, what the gate reads at decode time), and a label: 1 when
+state (the `exit_normed` output, what the gate reads at decode time), and a label: 1 when
 the exit's top-1 token equals the final layer's top-1 (CALM's *consistency* target,
 which needs no reference text). The model runs once, without gradient, to collect both;
 each gate is then fitted with binary cross-entropy on its own features. The rest of the
@@ -76,11 +76,11 @@ def exit_features_and_labels(model, inputs, batch_size: int = 16) -> dict:
     final = collected["final"].reshape(-1)
     data = {}
     for layer in layers:
-        exit_norm = model.blocks[layer - 1].exit_norm
+        exit_normed = model.blocks[layer - 1].exit_normed
         hidden = collected[f"hidden_{layer}"]
         features = np.concatenate(
             [
-                ops.convert_to_numpy(ops.cast(exit_norm(hidden[i : i + batch_size]), "float32"))
+                ops.convert_to_numpy(ops.cast(exit_normed(hidden[i : i + batch_size]), "float32"))
                 for i in range(0, len(hidden), batch_size)
             ]
         )

@@ -55,7 +55,7 @@ def forward_exits(model, token_ids, training=False, routing=None, router_inputs=
         if wants_input:
             router_inputs.append(outputs[-1])
         if block.has_exit:
-            normed_states.append(block.exit_norm(hidden))
+            normed_states.append(block.exit_normed(hidden))
             logits.append(outputs[1])
     return {"normed": normed_states, "logits": logits}
 
