@@ -44,6 +44,12 @@ class Generation:
     token_ids: list
     exit_layers: list
 
+    def annotated(self) -> str:
+        """The continuation with each token's exit layer after it: `" a⟨16⟩ list⟨30⟩"`."""
+        return "".join(
+            f"{piece}\u27e8{layer}\u27e9" for piece, layer in zip(self.tokens, self.exit_layers)
+        )
+
     def to_dict(self) -> dict:
         """`{"prompt", "text", "tokens": [{"token", "id", "exit_layer"}]}` (the CLI's JSON)."""
         return {

@@ -59,7 +59,12 @@ def load_run_model(policy=None, trained_here: bool = False):
     kind = found[0]
     options = {}
     if kind in ("checkpoint", "gguf"):
-        options = {"exit_layers": llama_exit_layers(), "capacity": FLAGS.capacity}
+        options = {
+            "exit_layers": llama_exit_layers(),
+            "capacity": FLAGS.capacity,
+            "exit_adapter": FLAGS.exit_adapter,
+            "exit_adapter_units": FLAGS.exit_adapter_units,
+        }
     return load(source, policy=policy, **options)
 
 

@@ -38,8 +38,23 @@ flags.DEFINE_enum("model", "gpt", list(FAMILIES), "Model family; independent of 
 flags.DEFINE_enum(
     "phase",
     None,
-    ["base", "routers", "exits", "full"],
-    "--model=llama --mode=train: base (pretrain), routers, exits or full (frozen base).",
+    ["base", "routers", "exits", "full", "exit_heads"],
+    "--model=llama --mode=train: base (pretrain), routers, exits or full (frozen base); "
+    "exit_heads: exit adapters, norms and gates from cached states of a frozen pretrained "
+    "base (a GGUF or checkpoint in --init_from).",
+)
+flags.DEFINE_enum(
+    "exit_adapter",
+    "mlp",
+    ["none", "linear", "mlp"],
+    "--model=llama, loading a checkpoint or GGUF: the ExitAdapter in front of each exit.",
+)
+flags.DEFINE_integer("exit_adapter_units", 1024, "Width of an 'mlp' exit adapter.", lower_bound=1)
+flags.DEFINE_integer(
+    "cache_tokens", 32768, "--phase=exit_heads: training tokens cached.", lower_bound=1
+)
+flags.DEFINE_integer(
+    "head_batch_size", 256, "--phase=exit_heads: tokens per training step.", lower_bound=1
 )
 flags.DEFINE_string(
     "init_from",
@@ -358,4 +373,6 @@ def check_combinations() -> None:
             f"{FLAGS.decode_mode!r}."
         )
     if FLAGS.model == "llama" and FLAGS.mode in ("train", "train_and_eval") and not FLAGS.phase:
-        raise ValueError("--model=llama --mode=train needs --phase (base, routers, exits, full).")
+        raise ValueError(
+            "--model=llama --mode=train needs --phase (base, routers, exits, full, exit_heads)."
+        )

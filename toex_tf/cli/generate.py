@@ -51,5 +51,12 @@ def run() -> dict:
     }
     write_json(os.path.join(FLAGS.output_dir, "generate.json"), result)
     print(json.dumps(result, indent=2, ensure_ascii=False))
+    for generation in generations:  # readable: each token followed by its exit layer
+        layers = generation.exit_layers
+        average = sum(layers) / len(layers) if layers else 0.0
+        print(
+            f"\n{generation.prompt}{generation.text}\n  exit layers (of "
+            f"{lm.model.num_layers}; average {average:.1f}): {generation.annotated()}"
+        )
     append_to_config_log(generate=result)
     return result

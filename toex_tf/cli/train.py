@@ -3,7 +3,9 @@
 - GPT: the early-exit GPT of `--preset`, or the model of `--init_from` trained further,
   with the joint exit loss, distillation, checkpoints (exact resume) and TensorBoard.
 - Llama: one `--phase`: `base` pretrains the `--llama_preset` from scratch; `routers`,
-  `exits` and `full` train on the frozen base of `--init_from` (default OUTPUT_DIR).
+  `exits` and `full` train on the frozen base of `--init_from` (default OUTPUT_DIR);
+  `exit_heads` trains exit adapters, norms and gates on a frozen pretrained base (a GGUF
+  or checkpoint) from its cached states, and writes OUTPUT_DIR/exit_heads.json.
 
 Writes OUTPUT_DIR/model.keras and OUTPUT_DIR/tokenizer (a Llama base also `hf/`).
 """
@@ -13,7 +15,7 @@ import json
 import os
 
 from toex_tf.cli import evaluate
-from toex_tf.cli.common import append_to_config_log, load_run_model, prepared_data
+from toex_tf.cli.common import append_to_config_log, load_run_model, prepared_data, write_json
 from toex_tf.cli.flags import FLAGS, gpt_overrides, train_config
 from toex_tf.config import gpt_preset
 
@@ -68,6 +70,8 @@ def _train_llama() -> dict:
     from toex_tf.training.llama_phases import run_phase  # noqa: PLC0415 - TensorFlow
 
     phase = FLAGS.phase
+    if phase == "exit_heads":
+        return _train_exit_heads()
     if phase == "base":
         if FLAGS.init_from:
             raise ValueError("--phase=base trains from scratch; drop --init_from.")
@@ -101,3 +105,58 @@ def _train_llama() -> dict:
     )
     print(f"phase {phase}: {json.dumps({k: v for k, v in logs.items() if k != 'schedule'})}")
     return {"logs": logs}
+
+
+def _train_exit_heads() -> dict:
+    """`--phase=exit_heads`: exits on a frozen pretrained base, from cached states."""
+    from toex_tf.models.saving import save_model_atomically  # noqa: PLC0415
+    from toex_tf.training import exit_heads  # noqa: PLC0415 - TensorFlow
+
+    lm = load_run_model()
+    model = lm.model
+    if not exit_heads.non_final_exit_layers(model):
+        raise ValueError(
+            "--phase=exit_heads needs exits below the last layer: set --llama_exit_layers."
+        )
+    prepared = prepared_data(lm.tokenizer)
+    windows = max(1, -(-FLAGS.cache_tokens // FLAGS.seq_len))
+    inputs, targets = prepared.train_inputs[:windows], prepared.train_targets[:windows]
+    held_out = min(len(prepared.val_inputs), FLAGS.eval_windows)
+    print(f"Caching the frozen base's states: {inputs.size} training tokens ...", flush=True)
+    states = exit_heads.cache_exit_states(model, inputs, targets)
+    validation = exit_heads.cache_exit_states(
+        model, prepared.val_inputs[:held_out], prepared.val_targets[:held_out]
+    )
+    before = exit_heads.evaluate_exit_heads(model, validation)
+    losses = exit_heads.train_exit_heads(
+        model,
+        states,
+        FLAGS.train_steps,
+        batch_size=FLAGS.head_batch_size,
+        learning_rate=FLAGS.learning_rate,
+        seed=FLAGS.seed,
+        verbose=2,
+    )
+    after = exit_heads.evaluate_exit_heads(model, validation)
+    gates = exit_heads.fit_gates_on_states(model, states, validation)
+    if model.config.output_embedding_mode == "shortlist":
+        model.token_embedding.set_shortlist_from_counts(prepared.token_counts)
+    path = os.path.join(FLAGS.output_dir, "model.keras")
+    save_model_atomically(model, path)
+    result = {
+        "train_tokens": int(inputs.size),
+        "validation_tokens": int(validation.num_tokens),
+        "loss": losses,
+        "logit_lens": before,
+        "trained": after,
+        "gates": gates,
+    }
+    write_json(os.path.join(FLAGS.output_dir, "exit_heads.json"), result)
+    for layer in exit_heads.non_final_exit_layers(model):
+        print(
+            f"exit {layer}: held-out perplexity {before[layer]['perplexity']:.1f} -> "
+            f"{after[layer]['perplexity']:.1f} (full depth {after['full']['perplexity']:.2f}), "
+            f"top-1 agreement {after[layer]['top1_agreement']:.3f}"
+        )
+    print(f"Saved {path}.")
+    return result
