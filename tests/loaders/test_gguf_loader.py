@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch", reason=PARITY_EXTRA)
 transformers = pytest.importorskip("transformers", reason=PARITY_EXTRA)
 pytest.importorskip("accelerate", reason=PARITY_EXTRA)
 
-import gguf_fixtures as fx  # noqa: E402
+import gguf_fixtures as fx  # noqa: E402 - tests/gguf_fixtures.py
 
 import toex_tf  # noqa: E402
 from toex_tf.data import load_tokenizer  # noqa: E402

@@ -178,43 +178,44 @@ def evaluate_exit_heads(model, states: ExitStates, batch_size: int = 512) -> dic
 
     Returns:
         `{"full": {"perplexity"}, layer: {"perplexity", "perplexity_increase",
-        "top1_agreement"}}`, the increase relative to full depth.
+        "top1_agreement", "kl_to_final"}}`: the increase is relative to full depth, the
+        KL is `KL(p_final || p_exit)` in nats per token (what distillation minimises).
     """
     head = model.blocks[-1].output_embedding
     targets = states.targets
-    final_nll, final_top1 = _nll_and_top1(
-        lambda start, stop: head(states.final[start:stop], mode="logits"),
-        targets,
-        batch_size,
-    )
-    full = float(np.exp(final_nll.mean()))
+    rows = np.arange(batch_size)
+    totals = {layer: np.zeros(3) for layer in states.hidden}  # nll, agreement, kl
+    final_nll = 0.0
+    for start in range(0, len(targets), batch_size):
+        stop = min(start + batch_size, len(targets))
+        picked = rows[: stop - start], targets[start:stop]
+        teacher = _log_softmax(head(states.final[start:stop], mode="logits"))
+        final_nll += -teacher[picked].sum()
+        teacher_top1 = teacher.argmax(-1)
+        for layer, hidden in states.hidden.items():
+            student = _log_softmax(model.blocks[layer - 1].exit_logits(hidden[start:stop]))
+            totals[layer] += (
+                -student[picked].sum(),
+                (student.argmax(-1) == teacher_top1).sum(),
+                (np.exp(teacher) * (teacher - student)).sum(),
+            )
+    full = float(np.exp(final_nll / len(targets)))
     report = {"full": {"perplexity": full}}
-    for layer, hidden in states.hidden.items():
-        block = model.blocks[layer - 1]
-        nll, top1 = _nll_and_top1(
-            lambda start, stop, block=block, hidden=hidden: block.exit_logits(hidden[start:stop]),
-            targets,
-            batch_size,
-        )
-        perplexity = float(np.exp(nll.mean()))
+    for layer, (nll, agreement, kl) in totals.items():
+        perplexity = float(np.exp(nll / len(targets)))
         report[layer] = {
             "perplexity": perplexity,
             "perplexity_increase": perplexity / full - 1.0,
-            "top1_agreement": float((top1 == final_top1).mean()),
+            "top1_agreement": float(agreement / len(targets)),
+            "kl_to_final": float(kl / len(targets)),
         }
     return report
 
 
-def _nll_and_top1(logits_of, targets, batch_size):
-    nll, top1 = [], []
-    for start in range(0, len(targets), batch_size):
-        stop = min(start + batch_size, len(targets))
-        logits = ops.convert_to_numpy(ops.cast(logits_of(start, stop), "float32"))
-        shifted = logits - logits.max(-1, keepdims=True)
-        log_z = np.log(np.exp(shifted).sum(-1))
-        nll.append(log_z - shifted[np.arange(stop - start), targets[start:stop]])
-        top1.append(logits.argmax(-1))
-    return np.concatenate(nll), np.concatenate(top1)
+def _log_softmax(logits) -> np.ndarray:
+    logits = ops.convert_to_numpy(ops.cast(logits, "float32")).astype("float64")
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
 def gate_features(model, states: ExitStates, batch_size: int = 512) -> dict:

@@ -1,0 +1,105 @@
+"""A GGUF through the CLI: `--phase=exit_heads` trains exits on its frozen base from
+cached states, then `--mode=generate` reads the run (the SmolLM2 flow, on a tiny file)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+PARITY_EXTRA = 'needs the parity extra: a CPU build of torch, then pip install -e ".[parity]"'
+torch = pytest.importorskip("torch", reason=PARITY_EXTRA)
+transformers = pytest.importorskip("transformers", reason=PARITY_EXTRA)
+
+import gguf_fixtures as fx  # noqa: E402
+
+
+def _run(*args, timeout=600):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run(
+        [sys.executable, "-m", "toex_tf.run", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def gguf_path(tmp_path_factory):
+    tokens, merges, types = fx.gpt2_vocabulary()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokens),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # layers that move the residual: the logit lens is far off
+        for name, parameter in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                parameter.normal_(0.0, 2.0 / parameter.shape[1] ** 0.5)
+            elif name.endswith("embed_tokens.weight"):  # peaked (tied) output distributions
+                parameter.normal_(0.0, 0.5)
+    path = tmp_path_factory.mktemp("gguf_cli") / "tiny.gguf"
+    fx.write_llama_gguf(path, model, ("gpt2", tokens, merges, types))
+    return str(path)
+
+
+def test_exit_heads_phase_then_generate(gguf_path, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(fx.TEXT[:8]):
+        (corpus / f"doc{i}.txt").write_text(text * 4)
+    out = tmp_path / "run"
+    common = [
+        "--model=llama",
+        "--llama_exit_layers=1,2",
+        "--exit_adapter=mlp",
+        "--exit_adapter_units=32",
+        f"--dataset=text:{corpus}/*.txt",
+        "--validation_fraction=0.25",
+        "--seq_len=16",
+        f"--output_dir={out}",
+    ]
+    trained = _run(
+        *common,
+        "--mode=train",
+        "--phase=exit_heads",
+        f"--init_from={gguf_path}",
+        "--cache_tokens=256",
+        "--head_batch_size=64",
+        "--train_steps=30",
+        "--learning_rate=0.01",
+        "--eval_windows=4",
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    report = json.loads((out / "exit_heads.json").read_text())
+    for layer in ("1", "2"):
+        # The untrained exit (the logit lens) predicts its own input token, far off; the
+        # trained one learned the text's next tokens.
+        trained, lens = report["trained"][layer], report["logit_lens"][layer]
+        assert trained["perplexity"] < 0.01 * lens["perplexity"], (trained, lens)
+        assert report["gates"]["validation"][layer]["tokens"] > 0
+    assert (out / "model.keras").is_file() and (out / "tokenizer").is_dir()
+
+    generated = _run(
+        *common,
+        "--mode=generate",
+        "--prompt=The quick brown",
+        "--max_new_tokens=6",
+        "--decode_mode=unfrozen",
+        "--decode_criterion=max_prob",
+        "--decode_threshold=0.0",
+    )
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    record = json.loads((out / "generate.json").read_text())
+    layers = [token["exit_layer"] for token in record["results"][0]["tokens"]]
+    assert len(layers) == 6 and set(layers[1:]) == {1}  # threshold 0: the first exit
+    assert "exit layers (of 3" in generated.stdout
