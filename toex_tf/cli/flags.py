@@ -45,9 +45,10 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_enum(
     "exit_adapter",
-    "mlp",
+    "none",
     ["none", "linear", "mlp"],
-    "--model=llama, loading a checkpoint or GGUF: the ExitAdapter in front of each exit.",
+    "--model=llama, loading a checkpoint or GGUF: the ExitAdapter in front of each exit "
+    "(a frozen pretrained base needs one: configs/smollm2.cfg uses mlp).",
 )
 flags.DEFINE_integer("exit_adapter_units", 1024, "Width of an 'mlp' exit adapter.", lower_bound=1)
 flags.DEFINE_integer(
