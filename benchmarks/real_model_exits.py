@@ -71,9 +71,10 @@ def main() -> None:
     policies = [ExitPolicy(mode, criterion, t) for mode in modes for t in thresholds]
 
     start = time.perf_counter()
-    quality = compare_modes(lm.adapter, policies, inputs, targets)
+    scorer = lm.adapter_for(args.seq_len)  # a cache of the window's size, not 8k
+    quality = compare_modes(scorer, policies, inputs, targets)
     full_top1 = np.asarray(model(inputs)["logits"]).argmax(-1).astype("int32")
-    agreement = compare_modes(lm.adapter, policies, inputs, full_top1)
+    agreement = compare_modes(scorer, policies, inputs, full_top1)
     print(f"quality: {time.perf_counter() - start:.0f} s", flush=True)
 
     prompts = {1: inputs[:1, : args.prompt_length]}
@@ -86,6 +87,7 @@ def main() -> None:
         speculative=speculative,
         jit_compile=args.jit_compile,
         log=lambda line: print(line, flush=True),
+        max_length=lm.adapter_for(args.prompt_length + args.new_tokens + 8).max_length,
     )
     rows = []
     for index, policy in enumerate(policies):

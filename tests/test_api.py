@@ -182,3 +182,24 @@ def test_load_a_hugging_face_checkpoint_directory(run_dir, tmp_path):
     assert [r.token_ids for r in results] == np.asarray(tokens).tolist()
     with pytest.raises(TypeError, match="apply to Llama checkpoints"):
         toex_tf.load(str(run_dir), capacity=0.5)
+
+
+def test_the_cache_is_sized_to_the_call_not_the_models_context():
+    keras.utils.set_random_seed(3)
+    model = build_llama("llama-tiny", max_length=1024, exit_layers=(1,), capacity=1.0)
+    sized = toex_tf.AdaptiveLM(model)
+    fixed = toex_tf.AdaptiveLM(model, max_length=1024)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    for mode in ("full", "lazy", "speculative"):
+        options = {"draft_layer": 1, "draft_length": 2} if mode == "speculative" else {}
+        options.update({} if mode == "speculative" else {"criterion": "max_prob"})
+        options.update({} if mode == "speculative" else {"threshold": 0.05})
+        ours = sized.generate(prompts, max_new_tokens=12, mode=mode, **options)
+        reference = fixed.generate(prompts, max_new_tokens=12, mode=mode, **options)
+        for a, b in zip(ours, reference):
+            assert a.token_ids == b.token_ids and a.exit_layers == b.exit_layers
+    assert sized.adapter_for(4 + 12).max_length == 64  # a 64-slot cache, not 1024
+    assert sized.adapter_for(100).max_length == 128
+    assert sized.adapter_for(2000) is sized.adapter and fixed.adapter_for(16) is fixed.adapter
+    with pytest.raises(ValueError, match="max_length"):
+        sized.generate([[1] * 1020], max_new_tokens=8)

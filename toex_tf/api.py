@@ -82,8 +82,10 @@ class AdaptiveLM:
         model: a `keras.Model` offering the `AdaptiveModel` interface.
         tokenizer: a `toex_tf.data.Tokenizer`, or None (then only token ids go in).
         policy: the default `ExitPolicy`; None: `default_policy(model)`.
-        max_length: int or None, the KV-cache length (prompt plus new tokens);
-            default: the model's.
+        max_length: int or None, the KV-cache length (prompt plus new tokens). None:
+            each call sizes its cache to what it needs (prompt plus new tokens, rounded
+            up to a power of two, at least 64), up to the model's length: a model with
+            an 8k context does not attend over 8k cache slots to write 48 tokens.
     """
 
     def __init__(self, model, tokenizer=None, policy: ExitPolicy | None = None, max_length=None):
@@ -91,7 +93,21 @@ class AdaptiveLM:
         self.tokenizer = tokenizer
         self.policy = policy or default_policy(model)
         self.adapter = DecoderAdapter(model, max_length=max_length)
+        self._sized = max_length is None
+        self._adapters = {}
         self._compiled = {}
+
+    def adapter_for(self, length: int) -> DecoderAdapter:
+        """The decoder whose cache holds `length` positions: `self.adapter` when the
+        length was fixed (or `length` needs it), else a power-of-two bucket."""
+        if not self._sized or length >= self.adapter.max_length:
+            return self.adapter
+        bucket = max(64, 1 << (max(int(length), 1) - 1).bit_length())
+        if bucket >= self.adapter.max_length:
+            return self.adapter
+        if bucket not in self._adapters:
+            self._adapters[bucket] = DecoderAdapter(self.model, max_length=bucket)
+        return self._adapters[bucket]
 
     def __repr__(self) -> str:
         return (
@@ -188,13 +204,17 @@ class AdaptiveLM:
         texts, ids = self._encode(prompts)
         prompt, mask = pad_prompts(ids)
         stop_ids = () if self._eos is None else (self._eos,)
+        needed = prompt.shape[1] + (max_new_tokens if isinstance(max_new_tokens, int) else 0)
         if mode == "speculative":
             if do_sample:
                 raise ValueError("speculative decoding is greedy: do_sample must be False.")
+            slack = draft_length if isinstance(draft_length, int) else 0
+            adapter = self.adapter_for(needed + slack + 1)
             key = ("speculative", max_new_tokens, draft_layer, draft_length, jit_compile)
+            key += (adapter.max_length,)
             if key not in self._compiled:
                 self._compiled[key] = compiled_speculative(
-                    self.adapter, max_new_tokens, draft_layer, draft_length, jit_compile, True
+                    adapter, max_new_tokens, draft_layer, draft_length, jit_compile, True
                 )
             runtime = ()
         else:
@@ -209,9 +229,13 @@ class AdaptiveLM:
             # The threshold and the seed are inputs of the compiled loop: a sweep over
             # them reuses one trace.
             traced = dataclasses.replace(exit_policy, threshold=1.0)
+            adapter = self.adapter_for(needed)
             key = (traced, max_new_tokens, jit_compile, tuple(sorted(sampling.items())))
+            key += (adapter.max_length,)
             if key not in self._compiled:
-                self._compiled[key] = self._compile(traced, max_new_tokens, jit_compile, sampling)
+                self._compiled[key] = self._compile(
+                    adapter, traced, max_new_tokens, jit_compile, sampling
+                )
             threshold = np.asarray(exit_policy.threshold, "float32")
             runtime = (threshold, np.asarray(seed, "int32"))
         if len(self._compiled) > 64:  # many settings: keep memory bounded
@@ -227,9 +251,7 @@ class AdaptiveLM:
         ]
         return results[0] if isinstance(prompts, str) else results
 
-    def _compile(self, policy, max_new_tokens, jit_compile, sampling):
-        adapter = self.adapter
-
+    def _compile(self, adapter, policy, max_new_tokens, jit_compile, sampling):
         def run(prompt, padding_mask, threshold, seed):
             return generate(
                 adapter,
@@ -296,7 +318,8 @@ class AdaptiveLM:
                     f"{self.adapter.max_length}."
                 )
             window = np.asarray([row], "int32")
-            scores.append(score_decoding(self.adapter, exit_policy, window[:, :-1], window[:, 1:]))
+            adapter = self.adapter_for(len(row))
+            scores.append(score_decoding(adapter, exit_policy, window[:, :-1], window[:, 1:]))
         return summarize_scores(scores, self.adapter.exit_layers)
 
     def export(self, directory: str, **options) -> str:

@@ -199,6 +199,7 @@ def measure_decode_speed(
     speculative: Sequence[tuple[int, int]] = (),
     log: Callable[[str], None] | None = print,
     jit_compile: bool = False,
+    max_length: int | None = None,
 ) -> list[dict]:
     """Times each policy (and speculative setting) against full depth, per batch size.
 
@@ -216,6 +217,8 @@ def measure_decode_speed(
         speculative: `(draft_layer, draft_length)` pairs.
         log: called with one line per row as it is measured; None: silent.
         jit_compile: TensorFlow: compile every run (full depth too) with XLA.
+        max_length: the KV-cache length; None: the model's (a long-context model then
+            attends over every slot: pass prompt plus new tokens, plus draft room).
 
     Full depth is timed alternately with each setting (`time_pair`), and each row's
     `full_tokens_per_s` is the one measured beside it.
@@ -236,7 +239,7 @@ def measure_decode_speed(
         raise ValueError(f"repeats must be an int > 0; got {repeats!r}.")
     if not prompts_by_batch:
         raise ValueError("prompts_by_batch must hold at least one batch; got none.")
-    adapter = DecoderAdapter(model)
+    adapter = DecoderAdapter(model, max_length=max_length)
     config = model.config
     full_policy = ExitPolicy("full")
     rows = []
