@@ -102,4 +102,4 @@ def test_exit_heads_phase_then_generate(gguf_path, tmp_path):
     record = json.loads((out / "generate.json").read_text())
     layers = [token["exit_layer"] for token in record["results"][0]["tokens"]]
     assert len(layers) == 6 and set(layers[1:]) == {1}  # threshold 0: the first exit
-    assert "exit layers (of 3" in generated.stdout
+    assert "exit layers (of 3" in generated.stderr

@@ -54,6 +54,10 @@ def run() -> dict:
         speculative=speculative,
         log=lambda line: print(line, flush=True),
         jit_compile=FLAGS.decode_jit_compile,
+        # A cache of the run's size (drafts need room), not the model's whole context.
+        max_length=lm.adapter_for(
+            prompt_length + new_tokens + max((n for _, n in speculative), default=0) + 1
+        ).max_length,
     )
     record = {
         "model": model_record(model),

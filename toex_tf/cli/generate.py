@@ -2,12 +2,14 @@
 
 Runs `AdaptiveLM.generate` (the Python API) on the run's model, so the command line and
 `toex_tf.load(...).generate(...)` give the same output for the same settings. Prints
-the JSON and writes it to OUTPUT_DIR/generate.json.
+the JSON (stdout) and writes it to OUTPUT_DIR/generate.json; each prompt's text with every
+token's exit layer goes to stderr.
 """
 
 import dataclasses
 import json
 import os
+import sys
 
 from toex_tf.cli.common import append_to_config_log, load_run_model, write_json
 from toex_tf.cli.flags import FLAGS, policy_options
@@ -51,12 +53,14 @@ def run() -> dict:
     }
     write_json(os.path.join(FLAGS.output_dir, "generate.json"), result)
     print(json.dumps(result, indent=2, ensure_ascii=False))
-    for generation in generations:  # readable: each token followed by its exit layer
+    # Readable, on stderr (stdout stays one JSON document): each token and its exit layer.
+    for generation in generations:
         layers = generation.exit_layers
         average = sum(layers) / len(layers) if layers else 0.0
         print(
             f"\n{generation.prompt}{generation.text}\n  exit layers (of "
-            f"{lm.model.num_layers}; average {average:.1f}): {generation.annotated()}"
+            f"{lm.model.num_layers}; average {average:.1f}): {generation.annotated()}",
+            file=sys.stderr,
         )
     append_to_config_log(generate=result)
     return result
