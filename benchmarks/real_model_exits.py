@@ -53,7 +53,7 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import toex_tf  # noqa: PLC0415
     from toex_tf.analysis.quality import compare_modes  # noqa: PLC0415
-    from toex_tf.analysis.speed import measure_decode_speed  # noqa: PLC0415
+    from toex_tf.analysis.speed import cpu_name, measure_decode_speed  # noqa: PLC0415
     from toex_tf.config import DataConfig  # noqa: PLC0415
     from toex_tf.data.prepared import prepare_data  # noqa: PLC0415
     from toex_tf.inference import ExitPolicy  # noqa: PLC0415
@@ -140,7 +140,7 @@ def main() -> None:
     record = {
         "command": "python " + " ".join(sys.argv),
         "date": time.strftime("%Y-%m-%d"),
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count()},
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count()},
         "run_dir": args.run_dir,
         "model": {
             "num_layers": model.num_layers,
@@ -162,17 +162,6 @@ def main() -> None:
             f"{row['top1_agreement']:.3f}  layers {row['avg_layers']:5.1f}  measured "
             f"{row['measured_speedup']:.2f}x  ideal {row['ideal_speedup']:.2f}x"
         )
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def _plot(rows, path: str) -> None:

@@ -236,11 +236,13 @@ def main() -> None:
     if args.perplexity_windows:
         for dtype in ("float32", "bfloat16"):
             perplexity[dtype] = held_out_perplexity(dtype, args.perplexity_windows, 128)
+    from toex_tf.analysis.speed import cpu_name  # noqa: PLC0415 - after the timed children
+
     record = {
         "command": "python " + " ".join(sys.argv),
         "date": time.strftime("%Y-%m-%d"),
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "cores": os.cpu_count(),
             "python": platform.python_version(),
         },
@@ -260,17 +262,6 @@ def main() -> None:
     _plot(rows, args.output.replace(".json", ".png"))
     for row in rows:
         print(json.dumps(row))
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _plot(rows, path: str) -> None:

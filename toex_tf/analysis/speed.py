@@ -36,6 +36,18 @@ ROW_FIELDS = (
 )
 
 
+def cpu_name() -> str:
+    """The CPU's model name (`/proc/cpuinfo`), else the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def device_name() -> str:
     """The accelerator kind under JAX, else the CPU architecture and core count."""
     if keras.backend.backend() == "jax":
