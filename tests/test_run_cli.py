@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_runner import run_cli
 
 WORDS = (
     "the cat sat on a mat while the dog ran after a ball in the garden and "
@@ -22,17 +23,6 @@ def _write_corpus(directory, docs=40):
         with open(os.path.join(directory, f"doc{i}.txt"), "w") as f:
             f.write(" ".join(words).capitalize() + ".\n")
     return os.path.join(directory, "*.txt")
-
-
-def _run(*args, timeout=600):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run(
-        [sys.executable, "-m", "toex_tf.run", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
 
 
 TINY = [
@@ -559,3 +549,7 @@ def test_export_then_saved_model_cli_show_and_run(trained_tiny, tmp_path):
     assert any(texts)
     for text in texts:  # saved_model_cli prints the string tensor's bytes
         assert repr(text.encode()) in ran.stdout, (text, ran.stdout[-800:])
+
+
+def _run(*args, timeout=600):
+    return run_cli(*args, timeout=timeout)

@@ -3,27 +3,15 @@ calibrate and export, and `--init_from` meaning the same for the GPT (train from
 
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
+from cli_runner import run_cli  # noqa: E402
 
 from toex_tf.data import ByteTokenizer
 from toex_tf.loaders import export_llama
 from toex_tf.models import build_llama
-
-
-def _run(*args, timeout=600):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run(
-        [sys.executable, "-m", "toex_tf.run", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
 
 
 def _corpus(directory):
@@ -172,3 +160,7 @@ def test_init_from_nowhere_and_missing_model_are_clear(tmp_path):
     )
     assert nowhere.returncode != 0 and "does not exist" in nowhere.stderr
     assert "Traceback" not in missing.stderr + nowhere.stderr
+
+
+def _run(*args, timeout=600):
+    return run_cli(*args, timeout=timeout)

@@ -2,9 +2,6 @@
 cached states, then `--mode=generate` reads the run (the SmolLM2 flow, on a tiny file)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -13,17 +10,7 @@ torch = pytest.importorskip("torch", reason=PARITY_EXTRA)
 transformers = pytest.importorskip("transformers", reason=PARITY_EXTRA)
 
 import gguf_fixtures as fx  # noqa: E402
-
-
-def _run(*args, timeout=600):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run(
-        [sys.executable, "-m", "toex_tf.run", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+from cli_runner import run_cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +90,7 @@ def test_exit_heads_phase_then_generate(gguf_path, tmp_path):
     layers = [token["exit_layer"] for token in record["results"][0]["tokens"]]
     assert len(layers) == 6 and set(layers[1:]) == {1}  # threshold 0: the first exit
     assert "exit layers (of 3" in generated.stderr
+
+
+def _run(*args, timeout=600):
+    return run_cli(*args, timeout=timeout)

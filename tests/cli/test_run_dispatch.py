@@ -1,25 +1,12 @@
 """`toex_tf.run` only dispatches: `--config` names, one-line errors, tf.function traces."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import tensorflow as tf
+from cli_runner import run_cli  # noqa: E402
 
 from toex_tf.run import COMMANDS, CONFIG_DIR, error_message, expand_config
-
-
-def _run(*args, cwd=None):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run(
-        [sys.executable, "-m", "toex_tf.run", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=cwd,
-    )
 
 
 def test_an_error_raised_while_tracing_prints_its_own_message():
@@ -71,3 +58,7 @@ def test_config_works_from_any_directory_and_errors_are_one_line(tmp_path):
     assert "--phase is for --model=llama" in result.stderr
     result = _run(f"--output_dir={tmp_path}", "--model=gpt", "--target_speedup=1.5")
     assert "--target_speedup searches a Llama's router capacity" in result.stderr
+
+
+def _run(*args, cwd=None):
+    return run_cli(*args, timeout=300, cwd=cwd)
