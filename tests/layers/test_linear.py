@@ -190,3 +190,44 @@ def test_bad_row_splits_are_named(parts):
 
     with pytest.raises(ValueError, match="row splits must be an int >= 1"):
         set_row_splits(parts)
+
+
+def test_linear_lora_starts_as_the_kernel_and_trains_only_the_update(tmp_path):
+    inputs = RNG.normal(size=(2, 3, 8)).astype("float32")
+    linear = Linear(6, use_bias=False)
+    base = np.asarray(linear(inputs))
+    kernel = np.asarray(linear.kernel).copy()
+    linear.enable_lora(2)
+    np.testing.assert_allclose(np.asarray(linear(inputs)), base, atol=1e-6)  # B starts at 0
+    assert [w.path for w in linear.trainable_weights] == [
+        "linear/lora_kernel_a",
+        "linear/lora_kernel_b",
+    ]
+    # The same shapes as keras.layers.Dense's LoRA.
+    assert tuple(linear.lora_kernel_a.shape) == (8, 2)
+    assert tuple(linear.lora_kernel_b.shape) == (2, 6)
+    update = RNG.normal(size=(2, 6)).astype("float32")
+    linear.lora_kernel_b.assign(update)
+    expected = base + inputs @ np.asarray(linear.lora_kernel_a) @ update  # alpha = rank
+    np.testing.assert_allclose(np.asarray(linear(inputs)), expected, atol=1e-5)
+    assert_roundtrip(linear, inputs, tmp_path, atol=1e-6)
+    linear.merge_lora()
+    assert [w.path for w in linear.weights] == ["linear/kernel"] and not linear.lora_enabled
+    assert not linear.trainable_weights  # the kernel stays frozen
+    np.testing.assert_allclose(np.asarray(linear(inputs)), expected, atol=1e-5)
+    assert not np.array_equal(np.asarray(linear.kernel), kernel)
+    assert linear.get_config()["lora_rank"] is None
+
+
+def test_linear_lora_rejects_misuse():
+    linear = Linear(4)
+    with pytest.raises(ValueError, match="isn't yet built"):
+        linear.enable_lora(2)
+    linear.build((None, 8))
+    with pytest.raises(ValueError, match="no LoRA update to merge"):
+        linear.merge_lora()
+    with pytest.raises(ValueError, match="lora rank must be an int >= 1; got 0"):
+        linear.enable_lora(0)
+    linear.enable_lora(2)
+    with pytest.raises(ValueError, match="already enabled"):
+        linear.enable_lora(2)

@@ -88,7 +88,15 @@ class Linear(keras.layers.Layer):
         row_split: bool, default True: the product may run as `set_row_splits` row
             blocks. False for products that already run side by side with an equal one
             (SwiGLU's gate and up), which keep a core each.
+        lora_rank: int or None, default None: builds the layer with LoRA enabled
+            (`enable_lora`); set by `get_config` so a saved LoRA layer reloads as one.
+        lora_alpha: float or None, default None (the rank): the LoRA scale numerator.
         **kwargs: base `keras.layers.Layer` arguments.
+
+    LoRA follows `keras.layers.Dense.enable_lora`: the same weight names and shapes
+    (`lora_kernel_a (input_dim, rank)`, `lora_kernel_b (rank, units)`, float32), the
+    kernel frozen, and the output `inputs @ kernel.T + (alpha / rank) * inputs @ a @ b`.
+    `merge_lora` folds the product into the kernel for serving.
 
     Call arguments:
         inputs: `(..., input_dim)`.
@@ -105,12 +113,17 @@ class Linear(keras.layers.Layer):
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         row_split: bool = True,
+        lora_rank: int | None = None,
+        lora_alpha: float | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.units = int(units)
         self.use_bias = use_bias
         self.row_split = bool(row_split)
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha
+        self.lora_enabled = False
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
 
@@ -129,9 +142,62 @@ class Linear(keras.layers.Layer):
             self.bias = self.add_weight(
                 name="bias", shape=(self.units,), initializer=self.bias_initializer
             )
+        if self.lora_rank:
+            self.built = True  # as `Dense.build` does, for `enable_lora`'s check
+            self.enable_lora(self.lora_rank, self.lora_alpha)
+
+    def enable_lora(self, rank: int, lora_alpha: float | None = None) -> None:
+        """Freezes the kernel and adds a trainable rank-`rank` update (`Dense`'s API).
+
+        `lora_kernel_a` starts He-uniform and `lora_kernel_b` at zero, so the layer's
+        output is unchanged until it trains (Hu et al., "LoRA", 2021).
+        """
+        if not self.built:
+            raise ValueError("Cannot enable lora on a layer that isn't yet built.")
+        if self.lora_enabled:
+            raise ValueError("lora is already enabled. This can only be done once per layer.")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"lora rank must be an int >= 1; got {rank!r}.")
+        units, input_dim = self.kernel.shape
+        self._tracker.unlock()
+        self.lora_kernel_a = self.add_weight(
+            name="lora_kernel_a",
+            shape=(input_dim, rank),
+            initializer="he_uniform",
+            dtype="float32",
+        )
+        self.lora_kernel_b = self.add_weight(
+            name="lora_kernel_b", shape=(rank, units), initializer="zeros", dtype="float32"
+        )
+        self._tracker.lock()
+        self.kernel.trainable = False
+        self.lora_enabled = True
+        self.lora_rank = rank
+        self.lora_alpha = float(lora_alpha if lora_alpha is not None else rank)
+
+    def merge_lora(self) -> None:
+        """Folds the LoRA update into the kernel and drops it: the same outputs, the
+        cost of the plain layer. The kernel stays frozen."""
+        if not self.lora_enabled:
+            raise ValueError(f"{self.name} has no LoRA update to merge.")
+        update = (self.lora_alpha / self.lora_rank) * ops.transpose(
+            ops.matmul(self.lora_kernel_a, self.lora_kernel_b)
+        )
+        self.kernel.assign(ops.cast(ops.cast(self.kernel, "float32") + update, self.kernel.dtype))
+        self._tracker.unlock()
+        del self.lora_kernel_a, self.lora_kernel_b
+        self._tracker.lock()
+        self.lora_enabled = False
+        self.lora_rank = self.lora_alpha = None
 
     def call(self, inputs):
         out = matmul_out_in(inputs, ops.cast(self.kernel, inputs.dtype), split=self.row_split)
+        if self.lora_enabled:
+            low = ops.matmul(
+                ops.matmul(inputs, ops.cast(self.lora_kernel_a, inputs.dtype)),
+                ops.cast(self.lora_kernel_b, inputs.dtype),
+            )
+            out = out + ops.cast(self.lora_alpha / self.lora_rank, out.dtype) * low
         if self.bias is not None:
             out = out + ops.cast(self.bias, out.dtype)
         return out
@@ -147,4 +213,6 @@ class Linear(keras.layers.Layer):
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
             "bias_initializer": keras.initializers.serialize(self.bias_initializer),
             "row_split": self.row_split,
+            "lora_rank": self.lora_rank if self.lora_enabled else None,
+            "lora_alpha": self.lora_alpha if self.lora_enabled else None,
         }

@@ -14,7 +14,7 @@ from toex_tf.layers import (
 from toex_tf.models.base import AdaptiveModel
 
 # What each training phase trains; the pretrained base is frozen in all but "base".
-PHASES = ("base", "routers", "exits", "full", "frozen")
+PHASES = ("base", "routers", "exits", "full", "lora", "frozen")
 
 
 @keras.saving.register_keras_serializable(package="toex_tf")
@@ -201,10 +201,13 @@ class HierarchicalLlama(AdaptiveModel, keras.Model):
         - `"exits"`: the exit gates, adapters and the norms of the non-final exits;
           routers frozen.
         - `"full"`: routers, gates and non-final exit norms together.
+        - `"lora"`: the LoRA updates of `enable_lora`, with the exit adapters and the
+          norms of the non-final exits; gates frozen (they are fitted afterwards).
         - `"frozen"`: nothing (inference; the state after construction and loading).
 
         In every phase but `"base"` the pretrained base (embeddings, LM head, attention,
-        FFNs, block norms, final norm) stays frozen.
+        FFNs, block norms, final norm) stays frozen; `"lora"` trains low-rank updates
+        next to its projections, never the projections themselves.
         """
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}; got {phase!r}.")
@@ -227,13 +230,79 @@ class HierarchicalLlama(AdaptiveModel, keras.Model):
                     router.predictor_output,
                 ):
                     layer.trainable = phase in ("routers", "full")
+            exits = phase in ("exits", "full", "lora")
             if block.exit_norm is not None:
                 final = index == self.num_layers
-                block.exit_norm.trainable = base if final else phase in ("exits", "full")
+                block.exit_norm.trainable = base if final else exits
             if block.learned_gate is not None:
                 block.learned_gate.trainable = phase in ("exits", "full")
             if block.exit_adapter is not None:
-                block.exit_adapter.trainable = phase in ("exits", "full")
+                block.exit_adapter.trainable = exits
+        if phase == "lora":
+            tuned = [p for p in self.lora_projections() if p.lora_enabled]
+            if not tuned:
+                raise ValueError("phase 'lora' needs LoRA updates: call enable_lora first.")
+            for projection in tuned:
+                projection.trainable = True  # the LoRA kernels; the kernel stays frozen
+                projection.kernel.trainable = False
+
+    def lora_projections(self, layers=None) -> list:
+        """The attention and FFN projections of the 1-based `layers` (None: all), in
+        order: what `enable_lora` adapts."""
+        layers = range(1, self.num_layers + 1) if layers is None else layers
+        found = []
+        for layer in layers:
+            transformer = self.blocks[layer - 1].block
+            attention = transformer.self_attention
+            ffn = (
+                transformer.ffn.layer
+                if isinstance(transformer.ffn, SkipRouter)
+                else transformer.ffn
+            )
+            names = (
+                ("qkv_dense",)
+                if attention.fused_qkv
+                else ("query_dense", "key_dense", "value_dense")
+            )
+            found += [getattr(attention, n) for n in (*names, "output_dense")]
+            found += [
+                getattr(ffn, n)
+                for n in ("gate_dense", "up_dense", "down_dense")
+                if getattr(ffn, n, None) is not None
+            ]
+        return found
+
+    def enable_lora(self, rank: int = 8, layers=None, lora_alpha: float | None = None) -> int:
+        """Adds rank-`rank` LoRA updates to every attention and FFN projection of the
+        1-based `layers` (None: every layer), leaving the pretrained kernels as they are.
+
+        Returns:
+            The number of projections adapted.
+        """
+        if self.config.kernel_layout != "out_in":
+            raise ValueError(
+                f"enable_lora needs kernel_layout='out_in' (Linear, which can merge its "
+                f"update); this model has {self.config.kernel_layout!r}."
+            )
+        layers = list(range(1, self.num_layers + 1) if layers is None else layers)
+        bad = [n for n in layers if isinstance(n, bool) or not 1 <= int(n) <= self.num_layers]
+        if not layers or bad:
+            raise ValueError(
+                f"layers must be 1-based layers in [1, {self.num_layers}]; got {layers}."
+            )
+        projections = self.lora_projections([int(n) for n in layers])
+        for projection in projections:
+            projection.enable_lora(rank, lora_alpha)
+        self.set_phase("frozen")
+        return len(projections)
+
+    def merge_lora(self) -> int:
+        """Folds every LoRA update into its kernel (`Linear.merge_lora`): a plain model
+        again, as fast as the base. Returns the number of projections merged."""
+        merged = [p for p in self.lora_projections() if p.lora_enabled]
+        for projection in merged:
+            projection.merge_lora()
+        return len(merged)
 
     def get_config(self):
         return {"name": self.name, "trainable": self.trainable, **self.config.to_dict()}
