@@ -91,6 +91,33 @@ def test_exit_heads_phase_then_generate(gguf_path, tmp_path):
     assert len(layers) == 6 and set(layers[1:]) == {1}  # threshold 0: the first exit
     assert "exit layers (of 3" in generated.stderr
 
+    # Then LoRA for the exits on the trained run, merged into a plain model.
+    tuned_dir = tmp_path / "lora"
+    tuned = _run(
+        *common[:-1],
+        f"--output_dir={tuned_dir}",
+        "--mode=train",
+        "--phase=lora_exits",
+        f"--init_from={out}",
+        "--cache_tokens=128",
+        "--train_steps=6",
+        "--batch_size=4",
+        "--lora_rank=4",
+        "--layer_dropout=0.1",
+        "--learning_rate=0.003",
+        "--eval_windows=4",
+    )
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    report = json.loads((tuned_dir / "lora_exits.json").read_text())
+    assert report["lora"]["first_layer"] == 1 and report["lora"]["projections"] == 3 * 5
+    assert report["before"]["full"]["perplexity"] > 0 and report["after"]["full"]["perplexity"] > 0
+    assert "full_depth_perplexity_drift" in report and set(report["after"]) >= {"1", "2"}
+    import toex_tf  # noqa: PLC0415
+
+    merged = toex_tf.load(str(tuned_dir)).model
+    base = toex_tf.load(str(out)).model
+    assert [w.path for w in merged.weights] == [w.path for w in base.weights]  # no LoRA left
+
 
 def _run(*args, timeout=600):
     return run_cli(*args, timeout=timeout)

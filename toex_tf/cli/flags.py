@@ -38,10 +38,11 @@ flags.DEFINE_enum("model", "gpt", list(FAMILIES), "Model family; independent of 
 flags.DEFINE_enum(
     "phase",
     None,
-    ["base", "routers", "exits", "full", "exit_heads"],
+    ["base", "routers", "exits", "full", "exit_heads", "lora_exits"],
     "--model=llama --mode=train: base (pretrain), routers, exits or full (frozen base); "
     "exit_heads: exit adapters, norms and gates from cached states of a frozen pretrained "
-    "base (a GGUF or checkpoint in --init_from).",
+    "base (a GGUF or checkpoint in --init_from); lora_exits: LoRA on the upper layers with "
+    "the exit loss and layer dropout, merged into the weights, then gates refitted.",
 )
 flags.DEFINE_enum(
     "exit_adapter",
@@ -56,6 +57,15 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer(
     "head_batch_size", 256, "--phase=exit_heads: tokens per training step.", lower_bound=1
+)
+flags.DEFINE_integer(
+    "lora_rank", 8, "--phase=lora_exits: LoRA rank.", lower_bound=1, upper_bound=64
+)
+flags.DEFINE_integer(
+    "lora_first_layer",
+    0,
+    "--phase=lora_exits: the lowest tuned layer (1-based); 0: the lowest exit.",
+    lower_bound=0,
 )
 flags.DEFINE_string(
     "init_from",
@@ -375,5 +385,6 @@ def check_combinations() -> None:
         )
     if FLAGS.model == "llama" and FLAGS.mode in ("train", "train_and_eval") and not FLAGS.phase:
         raise ValueError(
-            "--model=llama --mode=train needs --phase (base, routers, exits, full, exit_heads)."
+            "--model=llama --mode=train needs --phase (base, routers, exits, full, exit_heads, "
+            "lora_exits)."
         )

@@ -72,6 +72,8 @@ def _train_llama() -> dict:
     phase = FLAGS.phase
     if phase == "exit_heads":
         return _train_exit_heads()
+    if phase == "lora_exits":
+        return _train_lora_exits()
     if phase == "base":
         if FLAGS.init_from:
             raise ValueError("--phase=base trains from scratch; drop --init_from.")
@@ -159,4 +161,70 @@ def _train_exit_heads() -> dict:
             f"top-1 agreement {after[layer]['top1_agreement']:.3f}"
         )
     print(f"Saved {path}.")
+    return result
+
+
+def _train_lora_exits() -> dict:
+    """`--phase=lora_exits`: LoRA on the upper layers for the exits (merged after), the
+    gates refitted on the tuned model, and the full-depth drift measured."""
+    from toex_tf.models.saving import save_model_atomically  # noqa: PLC0415
+    from toex_tf.training import exit_heads  # noqa: PLC0415 - TensorFlow
+    from toex_tf.training.lora_exits import train_lora_exits  # noqa: PLC0415
+
+    lm = load_run_model()
+    model = lm.model
+    if not exit_heads.non_final_exit_layers(model):
+        raise ValueError(
+            "--phase=lora_exits needs exits below the last layer: set --llama_exit_layers."
+        )
+    prepared = prepared_data(lm.tokenizer)
+    windows = max(1, -(-FLAGS.cache_tokens // FLAGS.seq_len))
+    inputs, targets = prepared.train_inputs[:windows], prepared.train_targets[:windows]
+    held_out = min(len(prepared.val_inputs), FLAGS.eval_windows)
+    val_inputs, val_targets = prepared.val_inputs[:held_out], prepared.val_targets[:held_out]
+    before = exit_heads.evaluate_exit_heads(
+        model, exit_heads.cache_exit_states(model, val_inputs, val_targets)
+    )
+    logs = train_lora_exits(
+        model,
+        inputs,
+        targets,
+        FLAGS.train_steps,
+        rank=FLAGS.lora_rank,
+        first_layer=FLAGS.lora_first_layer or None,
+        layer_dropout=FLAGS.layer_dropout,
+        batch_size=FLAGS.batch_size,
+        learning_rate=FLAGS.learning_rate,
+        seed=FLAGS.seed,
+        verbose=2,
+    )
+    validation = exit_heads.cache_exit_states(model, val_inputs, val_targets)
+    after = exit_heads.evaluate_exit_heads(model, validation)
+    # The gates' labels (exit top-1 == final top-1) changed with the layers: refit them.
+    states = exit_heads.cache_exit_states(model, inputs, targets)
+    gates = exit_heads.fit_gates_on_states(model, states, validation)
+    path = os.path.join(FLAGS.output_dir, "model.keras")
+    save_model_atomically(model, path)
+    drift = after["full"]["perplexity"] / before["full"]["perplexity"] - 1.0
+    result = {
+        "train_tokens": int(inputs.size),
+        "tokens_seen": int(FLAGS.train_steps * FLAGS.batch_size * inputs.shape[1]),
+        "validation_tokens": int(validation.num_tokens),
+        "lora": logs,
+        "before": before,
+        "after": after,
+        "full_depth_perplexity_drift": drift,
+        "gates": gates,
+    }
+    write_json(os.path.join(FLAGS.output_dir, "lora_exits.json"), result)
+    for layer in exit_heads.non_final_exit_layers(model):
+        print(
+            f"exit {layer}: held-out perplexity {before[layer]['perplexity']:.1f} -> "
+            f"{after[layer]['perplexity']:.1f}, top-1 agreement "
+            f"{before[layer]['top1_agreement']:.3f} -> {after[layer]['top1_agreement']:.3f}"
+        )
+    print(
+        f"full depth: perplexity {before['full']['perplexity']:.2f} -> "
+        f"{after['full']['perplexity']:.2f} ({100 * drift:+.1f}%). Saved {path}."
+    )
     return result
