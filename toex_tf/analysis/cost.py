@@ -126,7 +126,8 @@ class RoutedCost:
         router: the causal predictor of a `SkipRouter` (0 without routers).
         kv: the K and V projections alone (frozen mode pays them for skipped layers).
         head: the full LM head, paid once per token.
-        gate: one learned exit gate check (a linear probe on the hidden state).
+        gate: one learned exit gate check (a linear probe on the hidden state, plus the
+            exit adapter it reads).
         num_layers: depth.
     """
 
@@ -145,6 +146,11 @@ class RoutedCost:
         hidden = model.token_embedding.hidden_dim
         gates = [b.learned_gate for b in model.blocks if b.learned_gate is not None]
         units = getattr(gates[0], "hidden_units", 0) if gates else 0
+        # The gate reads the exit adapter's output: a check pays both.
+        adapter = max(
+            (b.exit_adapter.macs_per_token(hidden) for b in model.blocks if b.exit_adapter),
+            default=0,
+        )
         return cls(
             projections=parts["projections"],
             attention=parts["attention"],
@@ -152,7 +158,7 @@ class RoutedCost:
             router=parts["router"],
             kv=parts["kv"],
             head=float(model.vocab_size * hidden),
-            gate=float(hidden * (units or 1)),
+            gate=float(hidden * (units or 1) + adapter),
             num_layers=model.num_layers,
         )
 

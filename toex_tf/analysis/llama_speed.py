@@ -34,6 +34,7 @@ def measure_llama_speed(
     log: Callable[[str], None] | None = print,
     jit_compile: bool = False,
     match_on_decode: bool = False,
+    allocation: str = "layer",
 ) -> list[dict]:
     """Times full depth, then each capacity without and (with `exit_depth`) with exits.
 
@@ -56,6 +57,7 @@ def measure_llama_speed(
             routed share and average layers are near `capacities` and `exit_depth`;
             otherwise both are calibrated teacher-forced on `calibration` and drift. The
             gates' biases are restored after the run.
+        allocation: how a capacity is shared among the layers (`calibrate_routers`).
 
     Returns:
         Rows (`speed_row` fields plus `capacity`, `exits`, `routed_fraction`,
@@ -101,9 +103,11 @@ def measure_llama_speed(
         for gate, bias in zip(model.gates, biases, strict=True):
             gate.bias.assign(bias)
         if match_on_decode:
-            match_capacity_on_decode(model, routed_run, prompt, calibration, capacity)
+            match_capacity_on_decode(
+                model, routed_run, prompt, calibration, capacity, allocation=allocation
+            )
         else:
-            calibrate_routers(model, calibration, capacity)
+            calibrate_routers(model, calibration, capacity, allocation=allocation)
         policy, threshold, run = ExitPolicy("full"), None, routed_run
         if exits and match_on_decode:
             threshold, _ = match_exit_depth_on_decode(model, exit_run, prompt, exit_depth)

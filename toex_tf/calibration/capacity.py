@@ -11,7 +11,7 @@ from toex_tf.inference import DecoderAdapter, ExitPolicy
 
 
 def match_capacity_on_decode(
-    model, run, prompt, calibration, target, iterations: int = 6
+    model, run, prompt, calibration, target, iterations: int = 6, allocation: str = "layer"
 ) -> tuple[float, float]:
     """Bisects the calibration capacity until the routed share of the *generated* tokens
     (greedy, teacher-forced recount of the decode's own decisions) is near `target`.
@@ -19,6 +19,7 @@ def match_capacity_on_decode(
     Args:
         run: a compiled generate (`compile_generate`) of the routed model; the router
             thresholds are variables, so it reads each trial's without recompiling.
+        allocation: how the capacity is shared among the layers (`calibrate_routers`).
 
     Returns:
         `(calibration_capacity, realized_share)` of the closest trial (thresholds set).
@@ -26,7 +27,7 @@ def match_capacity_on_decode(
     low, high, capacity = 0.01, 1.0, target
     best = None
     for _ in range(iterations):
-        calibrate_routers(model, calibration, capacity)
+        calibrate_routers(model, calibration, capacity, allocation=allocation)
         sequence = np.concatenate([prompt, np.asarray(run(prompt)[0])], axis=1)
         realized = routed_fraction(model, sequence, start=prompt.shape[1])
         if best is None or abs(realized - target) < abs(best[1] - target):
@@ -36,7 +37,7 @@ def match_capacity_on_decode(
         else:
             high = capacity
         capacity = (low + high) / 2
-    calibrate_routers(model, calibration, best[0])
+    calibrate_routers(model, calibration, best[0], allocation=allocation)
     return best
 
 

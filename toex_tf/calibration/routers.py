@@ -23,19 +23,33 @@ def _batches(token_ids, batch_size):
         yield token_ids[start : start + batch_size]
 
 
-def calibrate_routers(model, token_ids, capacity=None, batch_size: int = 8) -> list[float]:
+ALLOCATIONS = ("layer", "global")
+
+
+def calibrate_routers(
+    model, token_ids, capacity=None, batch_size: int = 8, allocation: str = "layer"
+) -> list[float]:
     """Sets every router's decode-time `predictor_threshold` so that a `capacity` share
     of the calibration tokens runs its FFN.
 
-    Layer by layer: a layer's threshold is set before the next layer's inputs are
-    computed, so each layer is calibrated on the inputs it sees at decode time (with
-    the earlier layers routing causally).
+    `allocation="layer"`: every layer routes that share. Layer by layer: a layer's
+    threshold is set before the next layer's inputs are computed, so each layer is
+    calibrated on the inputs it sees at decode time (with the earlier layers routing
+    causally).
+
+    `allocation="global"`: one threshold for every layer, so that the share of all
+    (token, layer) pairs is `capacity` and a layer whose predictor scores higher keeps
+    more tokens. This needs predictors on one scale across layers (those of
+    `toex_tf.training.router_predictors`). The threshold is set from the full-depth
+    states, then once more from the states under its own causal routing.
 
     Args:
         model: a `HierarchicalLlama` with routers.
         token_ids: int `(n, seq)` calibration windows.
-        capacity: float in (0, 1] or None (each router's training capacity).
+        capacity: float in (0, 1] or None (each router's training capacity; `"global"`
+            needs a number).
         batch_size: windows per forward pass.
+        allocation: `"layer"` or `"global"`.
 
     Returns:
         The thresholds, one per layer.
@@ -43,6 +57,10 @@ def calibrate_routers(model, token_ids, capacity=None, batch_size: int = 8) -> l
     routers = model.routers
     if not routers:
         raise ValueError("the model has no routers (capacity=1.0): nothing to calibrate.")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}; got {allocation!r}.")
+    if allocation == "global":
+        return _calibrate_global(model, token_ids, capacity, batch_size)
     batches = list(_batches(token_ids, batch_size))
     hidden = [model.embed_tokens(ops.convert_to_tensor(b)) for b in batches]
     thresholds = []
@@ -57,6 +75,27 @@ def calibrate_routers(model, token_ids, capacity=None, batch_size: int = 8) -> l
             thresholds.append(router.calibrate_predictor_threshold(logits, capacity))
         hidden = [_outputs(block(h, routing="predictor"))[0] for h in hidden]
     return thresholds
+
+
+def _calibrate_global(model, token_ids, capacity, batch_size) -> list[float]:
+    if capacity is None or isinstance(capacity, bool) or not 0.0 < float(capacity) <= 1.0:
+        raise ValueError(f"global allocation needs a capacity in (0, 1]; got {capacity!r}.")
+    threshold = None
+    for routing in ("all", "predictor"):
+        logits = []
+        for batch in _batches(token_ids, batch_size):
+            inputs = []
+            forward_exits(model, batch, routing=routing, router_inputs=inputs)
+            logits += [
+                np.asarray(r.predictor_logits(x)).ravel() for r, x in zip(model.routers, inputs)
+            ]
+        pooled = np.concatenate(logits)
+        # Every router gets the pooled quantile; `calibrate_predictor_threshold` on the
+        # pool computes it the same way as for one layer.
+        threshold = model.routers[0].calibrate_predictor_threshold(pooled, capacity)
+        for router in model.routers[1:]:
+            router.predictor_threshold.assign(threshold)
+    return [threshold] * len(model.routers)
 
 
 def _outputs(outputs) -> tuple:
