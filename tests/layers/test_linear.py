@@ -194,14 +194,14 @@ def test_bad_row_splits_are_named(parts):
 
 def test_linear_lora_starts_as_the_kernel_and_trains_only_the_update(tmp_path):
     inputs = RNG.normal(size=(2, 3, 8)).astype("float32")
-    linear = Linear(6, use_bias=False)
+    linear = Linear(6, use_bias=False, name="projection")
     base = np.asarray(linear(inputs))
     kernel = np.asarray(linear.kernel).copy()
     linear.enable_lora(2)
     np.testing.assert_allclose(np.asarray(linear(inputs)), base, atol=1e-6)  # B starts at 0
     assert [w.path for w in linear.trainable_weights] == [
-        "linear/lora_kernel_a",
-        "linear/lora_kernel_b",
+        "projection/lora_kernel_a",
+        "projection/lora_kernel_b",
     ]
     # The same shapes as keras.layers.Dense's LoRA.
     assert tuple(linear.lora_kernel_a.shape) == (8, 2)
@@ -212,7 +212,7 @@ def test_linear_lora_starts_as_the_kernel_and_trains_only_the_update(tmp_path):
     np.testing.assert_allclose(np.asarray(linear(inputs)), expected, atol=1e-5)
     assert_roundtrip(linear, inputs, tmp_path, atol=1e-6)
     linear.merge_lora()
-    assert [w.path for w in linear.weights] == ["linear/kernel"] and not linear.lora_enabled
+    assert [w.path for w in linear.weights] == ["projection/kernel"] and not linear.lora_enabled
     assert not linear.trainable_weights  # the kernel stays frozen
     np.testing.assert_allclose(np.asarray(linear(inputs)), expected, atol=1e-5)
     assert not np.array_equal(np.asarray(linear.kernel), kernel)
