@@ -87,7 +87,8 @@ def _calibrate_global(model, token_ids, capacity, batch_size) -> list[float]:
             inputs = []
             forward_exits(model, batch, routing=routing, router_inputs=inputs)
             logits += [
-                np.asarray(r.predictor_logits(x)).ravel() for r, x in zip(model.routers, inputs)
+                np.asarray(r.predictor_logits(x)).ravel()
+                for r, x in zip(model.routers, inputs, strict=True)
             ]
         pooled = np.concatenate(logits)
         # Every router gets the pooled quantile; `calibrate_predictor_threshold` on the

@@ -211,6 +211,9 @@ class HierarchicalLlama(AdaptiveModel, keras.Model):
         """
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}; got {phase!r}.")
+        tuned = [p for p in self.lora_projections() if p.lora_enabled] if phase == "lora" else []
+        if phase == "lora" and not tuned:
+            raise ValueError("phase 'lora' needs LoRA updates: call enable_lora first.")
         base = phase == "base"
         self.token_embedding.trainable = base
         for index, block in enumerate(self.blocks, start=1):
@@ -239,9 +242,6 @@ class HierarchicalLlama(AdaptiveModel, keras.Model):
             if block.exit_adapter is not None:
                 block.exit_adapter.trainable = exits
         if phase == "lora":
-            tuned = [p for p in self.lora_projections() if p.lora_enabled]
-            if not tuned:
-                raise ValueError("phase 'lora' needs LoRA updates: call enable_lora first.")
             for projection in tuned:
                 projection.trainable = True  # the LoRA kernels; the kernel stays frozen
                 projection.kernel.trainable = False
