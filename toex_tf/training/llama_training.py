@@ -203,6 +203,20 @@ class LlamaPhaseTrainer(keras.Model):
         return super().metrics + list(self.trackers.values())
 
 
+def warmup_cosine_adamw(steps: int, learning_rate: float):
+    """AdamW (no weight decay, clipnorm 1) with a 10% linear warm-up, then cosine decay
+    to a tenth of `learning_rate` over `steps`."""
+    warmup = min(max(steps // 10, 1), steps - 1) if steps > 1 else 0
+    rate = keras.optimizers.schedules.CosineDecay(
+        0.0 if warmup else learning_rate,
+        decay_steps=max(steps - warmup, 1),
+        alpha=0.1,
+        warmup_target=learning_rate if warmup else None,
+        warmup_steps=warmup,
+    )
+    return keras.optimizers.AdamW(rate, weight_decay=0.0, clipnorm=1.0)
+
+
 def train_phase(
     model,
     inputs: np.ndarray,
@@ -249,15 +263,7 @@ def train_phase(
     else:
         schedule = [(target_capacity, steps)]
     trainer = LlamaPhaseTrainer(model, phase, seed=seed, **trainer_kwargs)
-    warmup = min(max(steps // 10, 1), steps - 1) if steps > 1 else 0
-    rate = keras.optimizers.schedules.CosineDecay(
-        0.0 if warmup else learning_rate,
-        decay_steps=max(steps - warmup, 1),
-        alpha=0.1,
-        warmup_target=learning_rate if warmup else None,
-        warmup_steps=warmup,
-    )
-    trainer.compile(optimizer=keras.optimizers.AdamW(rate, weight_decay=0.0, clipnorm=1.0))
+    trainer.compile(optimizer=warmup_cosine_adamw(steps, learning_rate))
     rng = np.random.default_rng(seed)
     logs = {}
     for capacity, stage_steps in schedule:

@@ -30,6 +30,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from toex_tf.training.llama_training import warmup_cosine_adamw
+
 
 def _check_windows(model, inputs, targets) -> tuple[np.ndarray, np.ndarray]:
     inputs, targets = np.asarray(inputs), np.asarray(targets)
@@ -173,15 +175,7 @@ def train_lora_exits(
     projections = model.enable_lora(rank, range(first_layer, model.num_layers + 1))
     model.set_phase("lora")
     trainer = LoraExitTrainer(model, first_layer, layer_dropout, seed=seed)
-    warmup = max(steps // 10, 1) if steps > 1 else 0
-    rate = keras.optimizers.schedules.CosineDecay(
-        0.0 if warmup else learning_rate,
-        decay_steps=max(steps - warmup, 1),
-        alpha=0.1,
-        warmup_target=learning_rate if warmup else None,
-        warmup_steps=warmup,
-    )
-    trainer.compile(optimizer=keras.optimizers.AdamW(rate, weight_decay=0.0, clipnorm=1.0))
+    trainer.compile(optimizer=warmup_cosine_adamw(steps, learning_rate))
     order = np.random.default_rng(seed).integers(0, len(inputs), steps * batch_size)
     try:
         history = trainer.fit(
