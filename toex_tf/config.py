@@ -269,6 +269,115 @@ def llama_preset(name: str, **overrides) -> LlamaConfig:
     return LlamaConfig(**{**LLAMA_PRESETS[name], **overrides})
 
 
+@dataclass
+class TransformerConfig:
+    """An encoder-decoder Transformer with decoder exits. See `EarlyExitTransformer`.
+
+    `max_length` and `num_layers` are the decoder's (the `AdaptiveModel` contract: the
+    decode engine walks the decoder); the encoder has `max_source_length` and
+    `num_encoder_layers`.
+    """
+
+    vocab_size: int = 4000  # shared by source and target (one SentencePiece model)
+    max_source_length: int = 64
+    max_length: int = 64
+    hidden_dim: int = 512
+    num_encoder_layers: int = 6
+    num_layers: int = 6
+    num_heads: int = 8
+    intermediate_dim: int | None = None  # None: 4 * hidden_dim
+    dropout: float = 0.1
+    exit_layers: str | tuple = "all"
+    output_embedding_mode: str = "shortlist"
+    shortlist_size: int = 256
+    low_rank: int = 64
+    layer_dropout: float = 0.0
+    gate_criterion: str = "max_prob"
+    gate_threshold: float = 0.9
+    norm_epsilon: float = 1e-5
+    tie_embeddings: bool = True  # one matrix embeds source, target and scores the output
+
+    def __post_init__(self):
+        for name in (
+            "vocab_size",
+            "max_source_length",
+            "max_length",
+            "hidden_dim",
+            "num_encoder_layers",
+            "num_layers",
+            "num_heads",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}.")
+        if self.hidden_dim % self.num_heads:
+            raise ValueError(
+                f"hidden_dim={self.hidden_dim} must be divisible by num_heads={self.num_heads}."
+            )
+        if self.gate_criterion not in CRITERIA:
+            raise ValueError(
+                f"gate_criterion must be one of {CRITERIA}; got {self.gate_criterion!r}."
+            )
+        validate_threshold(self.gate_threshold, "gate_threshold")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings must be a bool; got {self.tie_embeddings!r}.")
+        self.exit_layers = resolve_exit_layers(self.exit_layers, self.num_layers)
+        if self.output_embedding_mode == "shortlist":
+            self.shortlist_size = min(self.shortlist_size, self.vocab_size)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+TRANSFORMER_PRESETS = {
+    # Unit tests: 2+2 layers, width 16.
+    "tiny": dict(
+        vocab_size=64,
+        max_source_length=16,
+        max_length=16,
+        hidden_dim=16,
+        num_encoder_layers=2,
+        num_layers=2,
+        num_heads=2,
+        dropout=0.0,
+        shortlist_size=16,
+    ),
+    # The translation quickstart: trains on 2 CPU cores in minutes. A shallow encoder
+    # (it runs once per sentence) and a deeper decoder (it runs once per token, and is
+    # where exits save time).
+    "quickstart": dict(
+        vocab_size=4000,
+        max_source_length=64,
+        max_length=64,
+        hidden_dim=192,
+        num_encoder_layers=3,
+        num_layers=6,
+        num_heads=4,
+        shortlist_size=256,
+    ),
+    # Transformer-base (Vaswani et al.): 6+6 layers, width 512.
+    "base": dict(
+        vocab_size=16000,
+        max_source_length=128,
+        max_length=128,
+        hidden_dim=512,
+        num_encoder_layers=6,
+        num_layers=6,
+        num_heads=8,
+        shortlist_size=1024,
+    ),
+}
+
+
+def transformer_preset(name: str, **overrides) -> TransformerConfig:
+    """A named `TransformerConfig`, with field overrides."""
+    if name not in TRANSFORMER_PRESETS:
+        raise ValueError(
+            f"unknown seq2seq preset {name!r}; expected one of {sorted(TRANSFORMER_PRESETS)}."
+        )
+    return TransformerConfig(**{**TRANSFORMER_PRESETS[name], **overrides})
+
+
 EXIT_WEIGHT_SCHEDULES = ("linear", "uniform", "quadratic")
 
 

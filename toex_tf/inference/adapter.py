@@ -6,6 +6,8 @@ head, the KV-cache layout and the cache length) and the two calls every mode bui
 window, writing its cache). It never asks the model its type.
 """
 
+import copy
+
 from keras import ops
 
 
@@ -44,6 +46,23 @@ class DecoderAdapter:
         self.output_embedding = self.blocks[-1].output_embedding
         attention = self.blocks[0].block.self_attention
         self.kv_heads, self.head_dim = attention.num_kv_heads, attention.head_dim
+        self.context = None
+
+    def with_context(self, context: list) -> "DecoderAdapter":
+        """A copy whose block calls also get `context[index]` as keyword arguments.
+
+        An encoder-decoder model's `decoder_context(...)` gives each decoder layer its
+        cross-attention keys and values for one batch of sources; every mode then runs
+        the decoder as it runs a decoder-only model (a lazy catch-up re-runs the
+        cross-attention of the pending positions with the same keys and values).
+        """
+        if len(context) != self.num_layers:
+            raise ValueError(
+                f"context has {len(context)} entries; expected one per layer ({self.num_layers})."
+            )
+        adapter = copy.copy(self)
+        adapter.context = list(context)
+        return adapter
 
     @property
     def num_layers(self) -> int:
@@ -113,6 +132,8 @@ class DecoderAdapter:
         """Runs block `index` over `hidden` at `position`: `(hidden, its new cache)`."""
         key_mask = None if padding is None else padding[0]
         extra = {} if self.routing is None else {"routing": self.routing}
+        if self.context is not None:
+            extra.update(self.context[index])
         return self.blocks[index].block(
             hidden,
             padding_mask=key_mask,

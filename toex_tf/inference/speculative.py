@@ -25,6 +25,7 @@ def generate_speculative(
     draft_length: int = 4,
     return_state: bool = False,
     padding_mask=None,
+    stop_token_ids=(),
 ):
     """Greedy generation, identical to full depth, with self-speculative drafts.
 
@@ -37,6 +38,9 @@ def generate_speculative(
         return_state: also return a dict with `rounds` and `accepted` (drafts kept).
         padding_mask: optional `(batch, prompt_length)` of a left-padded batch (see
             `generate`).
+        stop_token_ids: rows stop after emitting one of these; later slots hold the
+            first stop id and exit layer 0 (as in `generate`). The loop ends when every
+            row has stopped.
 
     Returns:
         `(token_ids, exit_layers)`, each `(batch, max_new_tokens)`: the exit layer is
@@ -70,11 +74,15 @@ def generate_speculative(
     draft_block = adapter.blocks[draft_layer - 1]
     upper = range(draft_layer, num_layers)
     offsets = ops.arange(width, dtype="int32")[None, :]
+    stop_ids = ops.convert_to_tensor(list(stop_token_ids) or [-1], "int32")
 
-    def condition(produced, current, position, tokens, exits, caches, rounds, accepted):
-        return produced < max_new_tokens
+    def is_stop(ids):
+        return ops.any(ops.equal(ids[..., None], stop_ids), axis=-1)
 
-    def body(produced, current, position, tokens, exits, caches, rounds, accepted):
+    def condition(produced, current, position, tokens, exits, caches, rounds, accepted, finished):
+        return ops.logical_and(produced < max_new_tokens, ops.logical_not(ops.all(finished)))
+
+    def body(produced, current, position, tokens, exits, caches, rounds, accepted, finished):
         caches = list(caches)
         drafts, states = [], []
         token = current
@@ -105,6 +113,9 @@ def generate_speculative(
         current = ops.take_along_axis(
             emitted, ops.broadcast_to(ops.reshape(count - 1, (1, 1)), (batch, 1)), axis=1
         )
+        finished = ops.logical_or(
+            finished, ops.any(ops.logical_and(is_stop(emitted), offsets < count), axis=1)
+        )
         return (
             produced + count,
             current,
@@ -114,13 +125,23 @@ def generate_speculative(
             tuple(caches),
             rounds + 1,
             accepted + kept,
+            finished,
         )
 
     one = ops.ones((), "int32")
-    state = (one, tokens[:, :1], prompt_length, tokens, exits, tuple(caches), zero, zero)
+    finished = is_stop(first[:, 0])
+    state = (one, first, prompt_length, tokens, exits, tuple(caches), zero, zero, finished)
     state = ops.while_loop(condition, body, state)
     token_ids = state[3][:, :max_new_tokens]
     exit_layers = state[4][:, :max_new_tokens]
+    # As in `generate`: after a row's first stop token (and past the last column
+    # produced, when every row stopped early), the stop id and exit layer 0.
+    stops = ops.cast(is_stop(token_ids), "int32")
+    columns = ops.arange(max_new_tokens, dtype="int32")[None, :]
+    after = ops.logical_or(ops.cumsum(stops, axis=1) - stops > 0, columns >= state[0])
+    if stop_token_ids:
+        token_ids = ops.where(after, stop_ids[0], token_ids)
+    exit_layers = ops.where(after, 0, exit_layers)
     if return_state:
         return token_ids, exit_layers, {"rounds": state[6], "accepted": state[7]}
     return token_ids, exit_layers

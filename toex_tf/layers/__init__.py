@@ -3,6 +3,7 @@
 from toex_tf.layers.causal_self_attention import CausalSelfAttention
 from toex_tf.layers.cross_attention import CrossAttention
 from toex_tf.layers.early_exit_block import EarlyExitBlock
+from toex_tf.layers.encoder_block import EncoderBlock
 from toex_tf.layers.exit_adapter import ADAPTER_KINDS, ExitAdapter
 from toex_tf.layers.feed_forward import FeedForward
 from toex_tf.layers.learned_exit_gate import GumbelExitGate, LearnedExitGate
@@ -21,6 +22,7 @@ __all__ = [
     "CausalSelfAttention",
     "CrossAttention",
     "EarlyExitBlock",
+    "EncoderBlock",
     "ExitAdapter",
     "FeedForward",
     "GumbelExitGate",

@@ -24,6 +24,9 @@ class CrossAttention(keras.layers.Layer):
         inputs: decoder states `(batch, target_len, hidden)`.
         encoder_outputs: `(batch, source_len, encoder_hidden)`.
         encoder_padding_mask: optional `(batch, source_len)`, 1/True for real tokens.
+        encoder_kv: optional `(key, value)` from `project_kv(encoder_outputs)`: the
+            encoder side projected once per sentence, so each decode step skips it
+            (`encoder_outputs` is then not read and may be None).
         training: bool.
 
     Returns:
@@ -60,15 +63,35 @@ class CrossAttention(keras.layers.Layer):
         self.output_dense = built_dense(self, hidden_dim, "attention_output", (None, None, width))
         self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
 
-    def call(self, inputs, encoder_outputs, encoder_padding_mask=None, training=None):
-        batch, target_len = ops.shape(inputs)[0], ops.shape(inputs)[1]
-        source_len = ops.shape(encoder_outputs)[1]
-        query = ops.reshape(
-            self.query_dense(inputs), (batch, target_len, self.num_heads, self.head_dim)
-        )
+    def project_kv(self, encoder_outputs):
+        """Keys and values of `encoder_outputs`, each `(batch, source_len, heads, head_dim)`.
+
+        A decoder computes them once per source sentence and passes them to every step
+        as `encoder_kv`: they do not depend on the target position.
+        """
+        batch, source_len = ops.shape(encoder_outputs)[0], ops.shape(encoder_outputs)[1]
         kv_shape = (batch, source_len, self.num_heads, self.head_dim)
         key = ops.reshape(self.key_dense(encoder_outputs), kv_shape)
         value = ops.reshape(self.value_dense(encoder_outputs), kv_shape)
+        return key, value
+
+    def call(
+        self,
+        inputs,
+        encoder_outputs=None,
+        encoder_padding_mask=None,
+        encoder_kv=None,
+        training=None,
+    ):
+        batch, target_len = ops.shape(inputs)[0], ops.shape(inputs)[1]
+        if encoder_kv is None:
+            if encoder_outputs is None:
+                raise ValueError("CrossAttention needs encoder_outputs or encoder_kv; got neither.")
+            encoder_kv = self.project_kv(encoder_outputs)
+        key, value = encoder_kv
+        query = ops.reshape(
+            self.query_dense(inputs), (batch, target_len, self.num_heads, self.head_dim)
+        )
         mask = None
         if encoder_padding_mask is not None:
             mask = ops.cast(encoder_padding_mask, "bool")[:, None, None, :]
@@ -79,7 +102,7 @@ class CrossAttention(keras.layers.Layer):
             ops.reshape(attended, (batch, target_len, self.num_heads * self.head_dim))
         )
 
-    def compute_output_spec(self, inputs, encoder_outputs, **kwargs):
+    def compute_output_spec(self, inputs, encoder_outputs=None, **kwargs):
         return keras.KerasTensor(inputs.shape, self.compute_dtype)
 
     def get_config(self):

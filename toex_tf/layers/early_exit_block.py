@@ -55,8 +55,8 @@ class EarlyExitBlock(keras.layers.Layer):
 
     Call arguments:
         inputs: `(batch, seq, hidden)`.
-        padding_mask, encoder_outputs, encoder_padding_mask, cache, cache_update_index,
-            routing: passed to the block when not None.
+        padding_mask, encoder_outputs, encoder_padding_mask, encoder_kv, cache,
+            cache_update_index, routing: passed to the block when not None.
         training: bool.
         return_exit_signals: bool, also return the gate's signals. Defaults to False.
         threshold: optional gate threshold override.
@@ -197,6 +197,7 @@ class EarlyExitBlock(keras.layers.Layer):
         return_exit_signals=False,
         threshold=None,
         return_ffn_input=False,
+        encoder_kv=None,
     ):
         block_kwargs = {
             name: value
@@ -207,6 +208,7 @@ class EarlyExitBlock(keras.layers.Layer):
                 ("cache", cache),
                 ("cache_update_index", cache_update_index),
                 ("routing", routing),
+                ("encoder_kv", encoder_kv),
             )
             if value is not None
         }

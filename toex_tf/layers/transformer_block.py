@@ -59,6 +59,8 @@ class TransformerBlock(keras.layers.Layer):
         padding_mask: optional `(batch, key_len)` key mask.
         encoder_outputs: `(batch, source_len, hidden)`; required with cross-attention.
         encoder_padding_mask: optional `(batch, source_len)`.
+        encoder_kv: optional `(key, value)` of the cross-attention, projected once per
+            source (`CrossAttention.project_kv`); replaces `encoder_outputs`.
         cache: optional self-attention KV cache (see `CausalSelfAttention`).
         cache_update_index: position of `inputs[:, 0]` when a cache is given.
         training: bool.
@@ -177,6 +179,7 @@ class TransformerBlock(keras.layers.Layer):
         training=None,
         routing=None,
         return_ffn_input=False,
+        encoder_kv=None,
     ):
         attended = self.self_attention(
             self.attention_norm(inputs),
@@ -189,10 +192,16 @@ class TransformerBlock(keras.layers.Layer):
             attended, cache = attended
         x = inputs + self.residual_dropout(attended, training=training)
         if self.cross_attention:
-            if encoder_outputs is None:
-                raise ValueError("encoder_outputs is required by a block with cross_attention.")
+            if encoder_outputs is None and encoder_kv is None:
+                raise ValueError(
+                    "a block with cross_attention needs encoder_outputs or encoder_kv; got neither."
+                )
             crossed = self.cross_attention_layer(
-                self.cross_norm(x), encoder_outputs, encoder_padding_mask, training=training
+                self.cross_norm(x),
+                encoder_outputs,
+                encoder_padding_mask,
+                encoder_kv=encoder_kv,
+                training=training,
             )
             x = x + self.residual_dropout(crossed, training=training)
         normed = self.ffn_norm(x)
