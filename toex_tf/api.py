@@ -398,7 +398,8 @@ def load(source: str, policy: ExitPolicy | None = None, max_length=None, **loade
             arguments (`exit_layers`, `capacity`, `dtype`, ...).
 
     Returns:
-        An `AdaptiveLM`.
+        An `AdaptiveLM`, or an `AdaptiveTranslator` for an encoder-decoder run (its
+        `generate` takes source sentences).
 
     Raises:
         ValueError: nothing loadable at `source` (the message says what was looked for).
@@ -422,6 +423,10 @@ def load(source: str, policy: ExitPolicy | None = None, max_length=None, **loade
         model = load_model(path)
         tokenizer_dir = os.path.join(os.path.dirname(path), "tokenizer")
         tokenizer = load_tokenizer(tokenizer_dir) if os.path.isdir(tokenizer_dir) else None
+        if model.is_encoder_decoder:
+            from toex_tf.translation import AdaptiveTranslator  # noqa: PLC0415
+
+            return AdaptiveTranslator(model, tokenizer, policy)
         return AdaptiveLM(model, tokenizer, policy, max_length)
     from toex_tf.loaders import load_llama  # noqa: PLC0415
 

@@ -345,14 +345,17 @@ TRANSFORMER_PRESETS = {
     # The translation quickstart: trains on 2 CPU cores in minutes. A shallow encoder
     # (it runs once per sentence) and a deeper decoder (it runs once per token, and is
     # where exits save time).
+    # 32 tokens hold 95% of the gettext pairs (the median is 9 source and 12 target
+    # tokens with 4000 pieces); longer pairs would double every step's cost.
     "quickstart": dict(
         vocab_size=4000,
-        max_source_length=64,
-        max_length=64,
+        max_source_length=32,
+        max_length=32,
         hidden_dim=192,
         num_encoder_layers=3,
         num_layers=6,
         num_heads=4,
+        dropout=0.0,
         shortlist_size=256,
     ),
     # Transformer-base (Vaswani et al.): 6+6 layers, width 512.

@@ -22,6 +22,10 @@ from toex_tf.cli.flags import FLAGS, data_config, policy_options
 
 
 def run() -> dict:
+    if FLAGS.model == "seq2seq":
+        from toex_tf.cli import seq2seq  # noqa: PLC0415
+
+        return seq2seq.benchmark()
     lm = load_run_model()
     if FLAGS.target_speedup:
         return _search_capacity(lm)

@@ -5,6 +5,8 @@
   exit_curve.png.
 - Llama: the quality table: perplexity against the base per `--llama_capacities` (and
   with exits at `--exit_depth`), with measured decode speed → llama_results.json.
+- seq2seq: BLEU, chrF, exit layers and measured decoder speedup per setting on held-out
+  sentences → results.json (`toex_tf/cli/seq2seq.py`).
 """
 
 import os
@@ -28,6 +30,10 @@ def run() -> dict:
 def evaluate(trained_here: bool = False) -> dict:
     """The family's evaluation of the run's model; `trained_here`: the model this run has
     just trained into OUTPUT_DIR (`--mode=train_and_eval`), not `--init_from`'s."""
+    if FLAGS.model == "seq2seq":
+        from toex_tf.cli import seq2seq  # noqa: PLC0415
+
+        return seq2seq.evaluate(trained_here)
     lm = load_run_model(trained_here=trained_here)
     prepared = prepared_data(lm.tokenizer)
     if FLAGS.model == "llama":

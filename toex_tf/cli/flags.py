@@ -12,13 +12,14 @@ from toex_tf.config import (
     EXIT_WEIGHT_SCHEDULES,
     LLAMA_PRESETS,
     PRESETS,
+    TRANSFORMER_PRESETS,
     DataConfig,
     EvalConfig,
     TrainConfig,
 )
 from toex_tf.inference.criteria import CRITERIA, DECODE_CRITERIA
 
-FAMILIES = ("gpt", "llama")
+FAMILIES = ("gpt", "llama", "seq2seq")
 
 FLAGS = flags.FLAGS
 
@@ -90,6 +91,24 @@ flags.DEFINE_list(
     "llama_capacities", ["0.9", "0.7", "0.55", "0.4"], "--model=llama eval capacities."
 )
 flags.DEFINE_enum("preset", "quickstart", sorted(PRESETS), "Named model size.")
+flags.DEFINE_enum(
+    "seq2seq_preset", "quickstart", sorted(TRANSFORMER_PRESETS), "--model=seq2seq: size."
+)
+flags.DEFINE_integer(
+    "num_encoder_layers", None, "--model=seq2seq: override the encoder depth.", lower_bound=1
+)
+flags.DEFINE_integer(
+    "max_source_length", None, "--model=seq2seq: override the source length.", lower_bound=1
+)
+flags.DEFINE_bool("tie_embeddings", True, "--model=seq2seq: one matrix for inputs and output.")
+flags.DEFINE_string("source_lang", "en", "--model=seq2seq: source language code.")
+flags.DEFINE_string("target_lang", "ro", "--model=seq2seq: target language code.")
+flags.DEFINE_float(
+    "test_fraction", 0.1, "--model=seq2seq: held-out test share of pairs.", 0.001, 0.9
+)
+flags.DEFINE_integer(
+    "eval_sentences", 200, "--model=seq2seq: test sentences translated per setting.", 1
+)
 flags.DEFINE_integer("hidden_dim", None, "Override the preset's width.", lower_bound=1)
 flags.DEFINE_integer("num_layers", None, "Override the preset's depth.", lower_bound=1)
 flags.DEFINE_integer("num_heads", None, "Override the preset's heads.", lower_bound=1)
@@ -104,7 +123,13 @@ flags.DEFINE_float("dropout", 0.0, "Dropout.", lower_bound=0.0, upper_bound=0.9)
 flags.DEFINE_float("layer_dropout", 0.0, "Layer dropout at the last layer.", 0.0, 0.9)
 flags.DEFINE_float("capacity", 1.0, "FFN SkipRouter capacity in (0, 1].", 0.01, 1.0)
 
-flags.DEFINE_string("dataset", "builtin", "'builtin', 'text:GLOB' or 'tfds:NAME[/CONFIG]'.")
+flags.DEFINE_string(
+    "dataset",
+    "builtin",
+    "'builtin', 'text:GLOB' or 'tfds:NAME[/CONFIG]'. --model=seq2seq: 'builtin' (= 'gettext', "
+    "the translations on this machine), 'gettext:DIR', 'files:SRC,TGT', 'tsv:PATH' or "
+    "'tfds:wmt16_translate/ro-en'.",
+)
 flags.DEFINE_string("data_dir", None, "TFDS data directory.")
 flags.DEFINE_string("tfds_text_key", "text", "Text feature of a TFDS dataset.")
 flags.DEFINE_enum("tokenizer", "sentencepiece", ["byte", "sentencepiece"], "Tokenizer.")
@@ -340,6 +365,21 @@ def gpt_overrides() -> dict:
     return {name: getattr(FLAGS, name) for name in names if getattr(FLAGS, name) is not None}
 
 
+def seq2seq_overrides() -> dict:
+    """The seq2seq size flags given on the command line (they override the preset's)."""
+    names = (
+        "hidden_dim",
+        "num_layers",
+        "num_heads",
+        "max_length",
+        "max_source_length",
+        "num_encoder_layers",
+        "shortlist_size",
+        "low_rank",
+    )
+    return {name: getattr(FLAGS, name) for name in names if getattr(FLAGS, name) is not None}
+
+
 def llama_exit_layers() -> tuple:
     """`--llama_exit_layers`, or the preset's exits."""
     layers = tuple(int(v) for v in FLAGS.llama_exit_layers)
@@ -376,6 +416,11 @@ def check_combinations() -> None:
         )
     if FLAGS.target_speedup and FLAGS.target_speedup <= 1.0:
         raise ValueError(f"--target_speedup must be > 1; got {FLAGS.target_speedup}.")
+    if FLAGS.model == "seq2seq" and FLAGS.mode in ("calibrate", "train_gates", "export"):
+        raise ValueError(
+            f"--model=seq2seq does not support --mode={FLAGS.mode} yet; it supports train, "
+            "eval, train_and_eval, generate and benchmark."
+        )
     if FLAGS.mode == "generate" and not FLAGS.prompt:
         raise ValueError("--mode=generate needs --prompt.")
     if FLAGS.mode == "calibrate" and FLAGS.decode_mode not in BENCHMARK_MODES:

@@ -57,8 +57,13 @@ def run() -> dict:
     for generation in generations:
         layers = generation.exit_layers
         average = sum(layers) / len(layers) if layers else 0.0
+        joined = (
+            f"{generation.prompt}\n→ {generation.text}"
+            if lm.model.is_encoder_decoder
+            else f"{generation.prompt}{generation.text}"
+        )
         print(
-            f"\n{generation.prompt}{generation.text}\n  exit layers (of "
+            f"\n{joined}\n  exit layers (of "
             f"{lm.model.num_layers}; average {average:.1f}): {generation.annotated()}",
             file=sys.stderr,
         )

@@ -6,6 +6,8 @@
   `exits` and `full` train on the frozen base of `--init_from` (default OUTPUT_DIR);
   `exit_heads` trains exit adapters, norms and gates on a frozen pretrained base (a GGUF
   or checkpoint) from its cached states, and writes OUTPUT_DIR/exit_heads.json.
+- seq2seq: the encoder-decoder of `--seq2seq_preset` on sentence pairs
+  (`toex_tf/cli/seq2seq.py`).
 
 Writes OUTPUT_DIR/model.keras and OUTPUT_DIR/tokenizer (a Llama base also `hf/`).
 """
@@ -21,7 +23,12 @@ from toex_tf.config import gpt_preset
 
 
 def run() -> dict:
-    outcome = _train_llama() if FLAGS.model == "llama" else _train_gpt()
+    if FLAGS.model == "seq2seq":
+        from toex_tf.cli import seq2seq  # noqa: PLC0415
+
+        outcome = seq2seq.train()
+    else:
+        outcome = _train_llama() if FLAGS.model == "llama" else _train_gpt()
     if FLAGS.mode == "train_and_eval":
         outcome["results"] = evaluate.evaluate(trained_here=True)
     append_to_config_log(**outcome)

@@ -86,8 +86,41 @@ def make_lm_dataset(
             "epoch (repeat=False); expected skip_batches <= batches per epoch."
         )
 
-    inputs_tensor = tf.constant(inputs, dtype=tf.int32)
-    targets_tensor = tf.constant(targets, dtype=tf.int32)
+    return make_indexed_dataset(
+        (inputs.astype("int32"), targets.astype("int32")),
+        batch_size,
+        shuffle,
+        seed,
+        repeat,
+        drop_remainder,
+        skip_batches,
+    )
+
+
+def make_indexed_dataset(
+    arrays,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    repeat: bool,
+    drop_remainder: bool = True,
+    skip_batches: int = 0,
+) -> tf.data.Dataset:
+    """Batches a nested structure of arrays with one shared first axis, reproducibly.
+
+    The order is `make_lm_dataset`'s: epoch `e` visits `stateless_shuffle(range(n),
+    seed=[seed, e])`, batched as indices and gathered afterwards, so an interrupted run
+    resumes on exactly the batches it would have seen (`skip_batches`). Arguments are
+    `make_lm_dataset`'s (checked there); `arrays` is, for example, `(inputs, labels,
+    sample_weights)` with `inputs` a dict (a seq2seq batch).
+    """
+    flat = [np.asarray(array) for array in tf.nest.flatten(arrays)]
+    num_windows = len(flat[0])
+    if any(len(array) != num_windows for array in flat):
+        raise ValueError(
+            f"arrays must share their first axis; got lengths {[len(a) for a in flat]}."
+        )
+    tensors = tf.nest.pack_sequence_as(arrays, [tf.constant(array) for array in flat])
     seed_tensor = tf.constant(seed, dtype=tf.int64)
 
     def epoch_indices(epoch: tf.Tensor) -> tf.data.Dataset:
@@ -103,9 +136,6 @@ def make_lm_dataset(
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder or repeat)
     dataset = dataset.skip(skip_batches)
     dataset = dataset.map(
-        lambda indices: (
-            tf.gather(inputs_tensor, indices),
-            tf.gather(targets_tensor, indices),
-        )
+        lambda indices: tf.nest.map_structure(lambda t: tf.gather(t, indices), tensors)
     )
     return dataset.prefetch(tf.data.AUTOTUNE)

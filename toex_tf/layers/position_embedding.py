@@ -63,6 +63,12 @@ class PositionEmbedding(keras.layers.Layer):
                     f"max_length={self.max_length}."
                 )
         seq = ops.shape(inputs)[1]
+        if not isinstance(start_index, int):
+            # A traced start: clip each position rather than slice, so a window that runs
+            # past the table (a speculative draft at the end of the cache, whose tokens
+            # are discarded) keeps its valid positions exact instead of failing.
+            ids = ops.cast(start_index, "int32") + ops.arange(seq, dtype="int32")
+            return self.call(inputs, position_ids=ids[None, :])
         positions = ops.slice(
             ops.convert_to_tensor(self.embeddings),  # JAX cannot slice a Keras Variable
             (ops.cast(start_index, "int32"), 0),

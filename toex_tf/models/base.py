@@ -35,6 +35,9 @@ class AdaptiveModel:
     """
 
     config = None
+    # An encoder-decoder family sets it and offers `max_source_length`, `encode` and
+    # `decoder_context(source_ids, source_padding_mask)` (per-layer block arguments).
+    is_encoder_decoder = False
 
     @property
     def exit_layers(self) -> tuple[int, ...]:

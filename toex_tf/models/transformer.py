@@ -185,6 +185,8 @@ class EarlyExitTransformer(AdaptiveModel, keras.Model):
 
     # -- What the decode engine reads (`AdaptiveModel`, plus the encoder side). --
 
+    is_encoder_decoder = True
+
     @property
     def max_source_length(self) -> int:
         return self.config.max_source_length

@@ -88,10 +88,11 @@ class EarlyExitTrainer(keras.Model):
         total = 0.0
         for weight, logits, tracker in zip(self.exit_weights, y_pred, self.exit_loss_trackers):
             # Float32 island: cross-entropy over a large vocabulary in bf16 is lossy.
-            cross_entropy = ops.mean(
+            cross_entropy = _weighted_mean(
                 keras.losses.sparse_categorical_crossentropy(
                     y, ops.cast(logits, "float32"), from_logits=True
-                )
+                ),
+                sample_weight,
             )
             tracker.update_state(cross_entropy)
             total = total + weight * cross_entropy
@@ -102,7 +103,8 @@ class EarlyExitTrainer(keras.Model):
             distill = 0.0
             for logits in y_pred[:-1]:
                 student = ops.log_softmax(ops.cast(logits, "float32") / temperature, axis=-1)
-                distill = distill + ops.mean(ops.sum(teacher_probs * (teacher - student), -1))
+                divergence = ops.sum(teacher_probs * (teacher - student), -1)
+                distill = distill + _weighted_mean(divergence, sample_weight)
             total = total + self.distill_weight * temperature**2 * distill / (len(y_pred) - 1)
         if self.losses:
             total = total + ops.sum(ops.stack([ops.cast(v, "float32") for v in self.losses]))
@@ -111,3 +113,11 @@ class EarlyExitTrainer(keras.Model):
     @property
     def metrics(self):
         return super().metrics + self.exit_loss_trackers
+
+
+def _weighted_mean(values, sample_weight=None):
+    """Mean of per-token `values`, weighted by `sample_weight` when given."""
+    if sample_weight is None:
+        return ops.mean(values)
+    weights = ops.cast(sample_weight, "float32")
+    return ops.sum(values * weights) / ops.maximum(ops.sum(weights), 1.0)

@@ -117,9 +117,8 @@ def train(
             f"only {len(inputs)} training windows for batch_size={train_config.batch_size}: "
             "use more data, a shorter seq_len or a smaller batch."
         )
-    keras.utils.set_random_seed(train_config.seed)
-    strategy = make_strategy(train_config.strategy)
-    with strategy.scope():
+
+    def build_model():
         model = EarlyExitGPT(**model_config.to_dict(), seed=train_config.seed)
         if initial_model is not None:
             if initial_model.config != model_config:
@@ -130,6 +129,55 @@ def train(
             model.set_weights(initial_model.get_weights())
         if token_counts is not None and model_config.output_embedding_mode == "shortlist":
             model.token_embedding.set_shortlist_from_counts(token_counts)
+        return model
+
+    def make_dataset(skip_batches):
+        return make_lm_dataset(
+            inputs,
+            targets,
+            batch_size=train_config.batch_size,
+            shuffle=True,
+            seed=train_config.seed,
+            repeat=True,
+            skip_batches=skip_batches,
+        )
+
+    return fit_exit_model(build_model, make_dataset, train_config, output_dir, callbacks, verbose)
+
+
+def fit_exit_model(
+    build_model,
+    make_dataset,
+    train_config: TrainConfig,
+    output_dir: str,
+    callbacks=(),
+    verbose="auto",
+):
+    """Builds a model with exits and trains it with `fit` and the joint exit loss.
+
+    The part every family's training shares: the distribution scope, the
+    `EarlyExitTrainer` with the configured exit weights and distillation, the optimizer,
+    checkpoints every `checkpoint_every` steps with exact resume, and TensorBoard.
+
+    Args:
+        build_model: `() -> keras.Model` with exits, called inside the strategy scope.
+        make_dataset: `(skip_batches) -> tf.data.Dataset` of `(inputs, labels)` or
+            `(inputs, labels, sample_weights)` batches, repeating, whose order is a pure
+            function of the seed (`make_indexed_dataset`), so a resumed run skips exactly
+            the batches it already saw.
+        train_config: steps, optimizer, exit-loss and checkpoint settings.
+        output_dir: checkpoints go to `output_dir/checkpoints`, TensorBoard logs to
+            `output_dir/tensorboard`. An existing checkpoint there is resumed.
+        callbacks: extra Keras callbacks.
+        verbose: `fit` verbosity.
+
+    Returns:
+        The trained model.
+    """
+    keras.utils.set_random_seed(train_config.seed)
+    strategy = make_strategy(train_config.strategy)
+    with strategy.scope():
+        model = build_model()
         weights = exit_loss_weights(
             train_config.exit_loss_weights, model.exit_layers, model.num_layers
         )
@@ -152,15 +200,6 @@ def train(
         print(f"Resumed from {manager.latest()} at step {step}.")
     remaining = train_config.steps - step
     if remaining > 0:
-        dataset = make_lm_dataset(
-            inputs,
-            targets,
-            batch_size=train_config.batch_size,
-            shuffle=True,
-            seed=train_config.seed,
-            repeat=True,
-            skip_batches=step,
-        )
         all_callbacks = [
             CheckpointEvery(manager, model, train_config.checkpoint_every, step),
             keras.callbacks.TensorBoard(
@@ -169,7 +208,7 @@ def train(
             *callbacks,
         ]
         trainer.fit(
-            dataset,
+            make_dataset(step),
             epochs=1,
             steps_per_epoch=remaining,
             shuffle=False,  # the dataset is already shuffled, reproducibly

@@ -1,0 +1,89 @@
+"""`--model=seq2seq` through the command line and `toex_tf.load`: train, eval, generate."""
+
+import json
+
+import numpy as np
+from cli_runner import run_cli
+
+import toex_tf
+
+WORDS = ["cat", "dog", "sun", "map", "red", "box"]
+
+
+def _tsv(path, count=48):
+    rng = np.random.default_rng(0)
+    lines = []
+    for _ in range(count):
+        source = " ".join(rng.choice(WORDS, size=rng.integers(1, 3)))
+        lines.append(f"{source}\t{source[::-1]}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_translation_trains_evaluates_and_generates(tmp_path):
+    run_dir = tmp_path / "run"
+    common = [
+        "--model=seq2seq",
+        f"--output_dir={run_dir}",
+        "--seq2seq_preset=tiny",
+        f"--dataset=tsv:{_tsv(tmp_path / 'pairs.tsv')}",
+        "--tokenizer=byte",
+        "--nodecode_jit_compile",
+    ]
+    result = run_cli(
+        *common,
+        "--mode=train_and_eval",
+        "--train_steps=4",
+        "--batch_size=8",
+        "--checkpoint_every=2",
+        "--eval_sentences=3",
+        "--criteria=max_prob",
+        "--thresholds=0.5",
+        "--benchmark_modes=frozen",
+        "--benchmark_speculative=1:2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["baseline"]) >= {"bleu", "chrf", "num_layers"}
+    assert results["baseline"]["num_layers"] == 2
+    assert [row["mode"] for row in results["sweeps"]] == ["frozen", "speculative"]
+    for row in results["sweeps"]:
+        assert set(row) >= {
+            "mode",
+            "criterion",
+            "threshold",
+            "bleu",
+            "chrf",
+            "avg_exit_layer",
+            "ideal_speedup",
+            "measured_speedup",
+        }
+    assert (run_dir / "results.png").exists() and "full depth" in result.stdout
+    data = json.loads((run_dir / "data.json").read_text())
+    assert data["pairs"]["train"] > data["pairs"]["test"] > 0
+    # The Python API and the command line give the same translation.
+    translator = toex_tf.load(str(run_dir))
+    expected = translator.generate("cat dog", mode="frozen", threshold=0.5)
+    generated = run_cli(
+        *common,
+        "--mode=generate",
+        "--prompt=cat dog",
+        "--decode_mode=frozen",
+        "--decode_threshold=0.5",
+        "--max_new_tokens=15",
+    )
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    output = json.loads(generated.stdout)["results"][0]
+    assert output["prompt"] == "cat dog" and output["text"] == expected.text
+    assert [t["exit_layer"] for t in output["tokens"]] == expected.exit_layers
+
+
+def test_seq2seq_errors_are_one_line(tmp_path):
+    result = run_cli(
+        "--model=seq2seq", f"--output_dir={tmp_path}", "--mode=train", "--target_lang=xx"
+    )
+    assert result.returncode != 0
+    assert "target_lang 'xx' is not a known language code" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_cli("--model=seq2seq", f"--output_dir={tmp_path}", "--mode=calibrate")
+    assert "does not support --mode=calibrate" in result.stderr
