@@ -17,3 +17,19 @@ def run_cli(*args, timeout=600, cwd=None):
         env=env,
         cwd=cwd,
     )
+
+
+WORDS = (
+    "the cat sat on a mat while the dog ran after a ball in the garden and "
+    "a bird sang over the quiet river near the old stone bridge"
+).split()
+
+
+def write_corpus(directory, docs=40):
+    """Writes `docs` small English text files; returns their glob (a `text:` dataset)."""
+    os.makedirs(directory, exist_ok=True)
+    for i in range(docs):
+        words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(60)]
+        with open(os.path.join(directory, f"doc{i}.txt"), "w") as f:
+            f.write(" ".join(words).capitalize() + ".\n")
+    return os.path.join(directory, "*.txt")

@@ -1,7 +1,8 @@
 """Every Python snippet in README.md runs as written, in order, on tiny models.
 
-The snippets name `runs/quickstart` (the quickstart's run directory) and
-`runs/llama_base/hf` (a Llama base checkpoint); the test makes tiny ones at those paths
+The snippets name `runs/quickstart` (the quickstart's run directory),
+`runs/translate_quickstart` (the translation quickstart's) and `runs/llama_base/hf` (a
+Llama base checkpoint); the test makes tiny ones at those paths
 in a scratch directory and runs each snippet there, in a fresh namespace, in one process.
 """
 
@@ -15,7 +16,7 @@ import keras
 
 from toex_tf.data import ByteTokenizer
 from toex_tf.loaders import export_llama
-from toex_tf.models import build_gpt, build_llama
+from toex_tf.models import build_gpt, build_llama, build_transformer
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 
@@ -64,6 +65,13 @@ def test_every_python_snippet_runs(tmp_path):
     os.makedirs(run)
     gpt.save(str(run / "model.keras"))
     tokenizer.save(str(run / "tokenizer"))
+    translation = tmp_path / "runs" / "translate_quickstart"
+    seq2seq = build_transformer(
+        "tiny", vocab_size=tokenizer.vocab_size, max_source_length=32, max_length=24
+    )
+    os.makedirs(translation)
+    seq2seq.save(str(translation / "model.keras"))
+    tokenizer.save(str(translation / "tokenizer"))
     llama = build_llama("llama-tiny", vocab_size=tokenizer.vocab_size, exit_layers=())
     export_llama(llama, str(tmp_path / "runs" / "llama_base" / "hf"))
     snippets = python_snippets()

@@ -2,7 +2,7 @@
 
 TensorFlow only (tf.data). Shares `fit_exit_model` with the GPT: the exit loss and
 distillation on the decoder exits, checkpoints with exact resume, and TensorBoard.
-Batches group pairs of similar length (`length_bucketed_batches`).
+Each batch is cut to its longest pair (`trimmed_batches`).
 """
 
 import numpy as np
@@ -89,15 +89,18 @@ def pair_lengths(examples: TranslationExamples) -> np.ndarray:
 
 
 def length_bucketed_batches(
-    lengths: np.ndarray, batch_size: int, steps: int, seed: int, chunk_batches: int = 32
+    lengths: np.ndarray, batch_size: int, steps: int, seed: int, chunk_batches: int = 1
 ) -> np.ndarray:
     """`(steps, batch_size)` pair indices: each epoch a fresh permutation, sorted by length
     within chunks of `chunk_batches` batches, cut into batches, the batches shuffled.
 
-    Pairs of similar length share a batch, so a batch is padded only to its own longest
-    pair (`trimmed_batches`): on the gettext pairs (median 9 source and 12 target tokens
-    of 32) this halves the tokens a step computes. The schedule is a pure function of
-    `seed`, so a resumed run skips exactly the batches it saw.
+    Each batch is padded only to its own longest pair (`trimmed_batches`). With
+    `chunk_batches > 1` pairs of similar length share a batch, which halves the tokens a
+    step computes on the gettext pairs, but trained worse per step: 700 steps of the
+    quickstart model gave held-out BLEU 1.2 with chunks of 32 batches against 4.1 with
+    random batches (2-core CPU, 2026-12-05; every batch weighs the same in the loss, so
+    short pairs count more). Hence the default, 1: random batches. The schedule is a pure
+    function of `seed`, so a resumed run skips exactly the batches it saw.
     """
     count = len(lengths)
     if count < batch_size:
