@@ -36,6 +36,8 @@ def test_sweep_rows_and_bleu_against_the_model_own_outputs(tmp_path):
         references.append(TOKENIZER.decode([t for t in ids if t != TOKENIZER.eos_id]))
     assert all(references)
     settings = sweep_settings(["frozen", "lazy"], ["max_prob"], [0.0, 1.0], draft_layers=[1])
+    # Deciding only at layer 2: a token that always passes leaves there, not at layer 1.
+    settings.append(TranslationSetting("frozen", "max_prob", 0.0, decision_layers=(2,)))
     results = evaluate_translation(
         model, TOKENIZER, list(zip(SOURCES, references)), settings, jit_compile=False
     )
@@ -43,8 +45,10 @@ def test_sweep_rows_and_bleu_against_the_model_own_outputs(tmp_path):
     self_bleu = round(sacrebleu.corpus_bleu(references, [references]).score, 2)
     assert base["chrf"] == 100.0 and base["bleu"] == self_bleu
     assert base["num_layers"] == 3 and base["sentences"] == 5
-    rows = {(r["mode"], r["threshold"]): r for r in results["sweeps"]}
-    assert len(results["sweeps"]) == 5
+    rows = {(r["mode"], r["threshold"]): r for r in results["sweeps"][:5]}
+    assert len(results["sweeps"]) == 6
+    decided = results["sweeps"][5]
+    assert decided["decision_layers"] == [2] and 2.0 < decided["avg_exit_layer"] < 2.5
     # Never exiting is full depth; always exiting leaves at layer 1.
     for mode in ("frozen", "lazy"):
         assert rows[(mode, 1.0)]["chrf"] == 100.0 and rows[(mode, 1.0)]["avg_exit_layer"] == 3
@@ -61,6 +65,7 @@ def test_sweep_rows_and_bleu_against_the_model_own_outputs(tmp_path):
     assert all(1 <= t["exit_layer"] <= 3 for t in example["tokens"])
     table = format_translation_table(results)
     assert "chrF 100.00" in table and "speculative draft 1x4" in table
+    assert "frozen max_prob 0 @2" in table
     assert (tmp_path / "r.png").exists() is False
     plot_translation_sweep(results, str(tmp_path / "r.png"))
     assert (tmp_path / "r.png").stat().st_size > 1000

@@ -34,13 +34,17 @@ class TranslationSetting:
     draft_layer: int | None = None
     draft_length: int = 4
     max_pending: int = 4
+    decision_layers: tuple | None = None  # None: decide at every exit
 
     def label(self) -> str:
         if self.mode == "speculative":
             return f"speculative draft {self.draft_layer}x{self.draft_length}"
         if self.mode == "full":
             return "full"
-        return f"{self.mode} {self.criterion} {self.threshold:g}"
+        where = ""
+        if self.decision_layers is not None:
+            where = " @" + ",".join(str(layer) for layer in self.decision_layers)
+        return f"{self.mode} {self.criterion} {self.threshold:g}{where}"
 
 
 def sweep_settings(
@@ -86,7 +90,11 @@ class SentenceTranslator:
         policy = None
         if setting.mode != "speculative":
             policy = ExitPolicy(
-                setting.mode, setting.criterion, setting.threshold, max_pending=setting.max_pending
+                setting.mode,
+                setting.criterion,
+                setting.threshold,
+                max_pending=setting.max_pending,
+                decision_layers=setting.decision_layers,
             )
 
         def run(ids, mask, threshold):
@@ -239,6 +247,9 @@ def evaluate_translation(
                 "threshold": None if setting.mode == "speculative" else setting.threshold,
                 "draft_layer": setting.draft_layer,
                 "draft_length": setting.draft_length if setting.mode == "speculative" else None,
+                "decision_layers": None
+                if setting.decision_layers is None
+                else list(setting.decision_layers),
                 "bleu": row_quality["bleu"],
                 "chrf": row_quality["chrf"],
                 "bleu_delta": round(row_quality["bleu"] - baseline["bleu"], 2),
@@ -306,6 +317,7 @@ def format_translation_table(results: dict) -> str:
             row["threshold"] if row["threshold"] is not None else 1.0,
             row["draft_layer"],
             row["draft_length"] or 4,
+            decision_layers=tuple(row.get("decision_layers") or ()) or None,
         )
         lines.append(
             f"{setting.label():<34}{row['bleu']:>7.2f}{row['bleu_delta']:>7.2f}"
