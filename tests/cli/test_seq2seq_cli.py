@@ -41,12 +41,14 @@ def test_translation_trains_evaluates_and_generates(tmp_path):
         "--thresholds=0.5",
         "--benchmark_modes=frozen",
         "--benchmark_speculative=1:2",
+        "--decision_layers=1",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert set(results["baseline"]) >= {"bleu", "chrf", "num_layers"}
     assert results["baseline"]["num_layers"] == 2
     assert [row["mode"] for row in results["sweeps"]] == ["frozen", "speculative"]
+    assert results["sweeps"][0]["decision_layers"] == [1]  # --decision_layers reached it
     for row in results["sweeps"]:
         assert set(row) >= {
             "mode",

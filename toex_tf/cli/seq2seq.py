@@ -103,7 +103,11 @@ def _sweep(thresholds, pairs, output_name: str, trained_here: bool = False) -> d
         if FLAGS.benchmark_speculative
         else 4,
     )
-    settings = [dataclasses.replace(setting, max_pending=FLAGS.max_pending) for setting in settings]
+    decision_layers = tuple(int(v) for v in FLAGS.decision_layers) or None
+    settings = [
+        dataclasses.replace(setting, max_pending=FLAGS.max_pending, decision_layers=decision_layers)
+        for setting in settings
+    ]
 
     def progress(done, total, label):
         print(f"  [{done}/{total}] {label}", flush=True)
