@@ -168,3 +168,17 @@ class AdaptiveTranslator:
             )
 
         return compile_function(run, jit_compile, numpy_outputs=True)
+
+    def export(self, directory: str, **options) -> str:
+        """Writes a SavedModel with `translate` (and `translate_text`) signatures that run
+        this model's decode loop in the graph (`toex_tf.export.translation_export`).
+
+        Args:
+            directory: where to write.
+            **options: `export_translation` arguments (`criterion`, `decision_layers`,
+                `max_pending`, `text_signature`); the criterion defaults to the policy's.
+        """
+        from toex_tf.export.translation_export import export_translation  # noqa: PLC0415
+
+        options.setdefault("criterion", self.policy.criterion)
+        return export_translation(self.model, directory, self.tokenizer, **options)

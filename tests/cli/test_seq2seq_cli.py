@@ -78,6 +78,12 @@ def test_translation_trains_evaluates_and_generates(tmp_path):
     output = json.loads(generated.stdout)["results"][0]
     assert output["prompt"] == "cat dog" and output["text"] == expected.text
     assert [t["exit_layer"] for t in output["tokens"]] == expected.exit_layers
+    # --mode=export writes the translation signatures (their parity: tests/serving).
+    exported = run_cli(*common, "--mode=export")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    signatures = json.loads(exported.stdout.strip().splitlines()[-1])["signatures"]
+    assert signatures == ["translate", "serving_default", "translate_text"]
+    assert (run_dir / "saved_model" / "saved_model.pb").exists()
 
 
 def test_seq2seq_errors_are_one_line(tmp_path):
@@ -88,4 +94,5 @@ def test_seq2seq_errors_are_one_line(tmp_path):
     assert "target_lang 'xx' is not a known language code" in result.stderr
     assert "Traceback" not in result.stderr
     result = run_cli("--model=seq2seq", f"--output_dir={tmp_path}", "--mode=calibrate")
+    assert result.returncode != 0
     assert "does not support --mode=calibrate" in result.stderr

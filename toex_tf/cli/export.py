@@ -20,6 +20,27 @@ def run() -> dict:
         print(f"No {TEXT_SIGNATURE} signature: {note}", file=sys.stderr)
     # Rows stop at the tokenizer's end-of-text id, as --mode=generate does (AdaptiveLM).
     options = policy_options()
+    if lm.model.is_encoder_decoder:
+        from toex_tf.export.translation_export import (  # noqa: PLC0415
+            TRANSLATE_TEXT,
+            TRANSLATION_SIGNATURES,
+            export_translation,
+        )
+
+        export_translation(
+            lm.model,
+            directory,
+            lm.tokenizer,
+            criterion=FLAGS.decode_criterion or lm.policy.criterion,
+            decision_layers=options["decision_layers"],
+            max_pending=options["max_pending"],
+            text_signature=with_text,
+        )
+        signatures = list(TRANSLATION_SIGNATURES) + ([TRANSLATE_TEXT] if with_text else [])
+        result = {"saved_model": directory, "signatures": signatures}
+        print(json.dumps(result))
+        append_to_config_log(export=result)
+        return result
     lm.export(
         directory,
         criterion=FLAGS.decode_criterion or lm.policy.criterion,

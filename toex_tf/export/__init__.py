@@ -5,6 +5,8 @@ saved_model  `export_saved_model`: signatures `generate`, `score`, `logits` (and
 graph_text   the tokenizers as TF ops (byte on core ops, SentencePiece through
              tensorflow-text)
 client       calling a loaded export from Python
+translation_export  `export_translation`: an encoder-decoder's `translate` (and
+             `translate_text`) signatures
 """
 
 from toex_tf.export.client import (
@@ -21,6 +23,7 @@ from toex_tf.export.saved_model import (
     final_logits,
     xla_ops,
 )
+from toex_tf.export.translation_export import export_translation
 
 __all__ = [
     "EXPORT_MODES",
@@ -28,6 +31,7 @@ __all__ = [
     "TEXT_SIGNATURE",
     "TOKENIZER_SUBDIR",
     "export_saved_model",
+    "export_translation",
     "final_logits",
     "generate_text_with_export",
     "generate_with_export",

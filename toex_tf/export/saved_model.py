@@ -55,7 +55,8 @@ TEXT_SIGNATURE = "generate_text"
 TOKENIZER_SUBDIR = "assets.extra/tokenizer"
 
 
-def _checked(tensor, checks):
+def checked(tensor, checks):
+    """`tensor`, released only after every op in `checks` (asserts) has run."""
     with tf.control_dependencies(checks):
         return tf.identity(tensor)
 
@@ -73,7 +74,7 @@ def _run_time_rank(tensor):
     return tf.rank(tf.io.parse_tensor(tf.io.serialize_tensor(tensor), tensor.dtype))
 
 
-def _rank_checked(specs, *tensors):
+def rank_checked(specs, *tensors):
     """`tensors`, one per `tf.TensorSpec` in `specs`, released once each has its spec's rank.
 
     A SavedModel signature called with a wrong-rank input skips the spec's shape check (TF
@@ -90,10 +91,10 @@ def _rank_checked(specs, *tensors):
         checks.append(
             tf.debugging.Assert(tf.equal(rank, expected), [tf.strings.format(message, rank)])
         )
-    return [_checked(tensor, checks) for tensor in tensors]
+    return [checked(tensor, checks) for tensor in tensors]
 
 
-def _ids_checks(token_ids, lengths, vocab_size, max_length):
+def ids_checks(token_ids, lengths, vocab_size, max_length):
     """Asserts on right-padded `token_ids` and `lengths`: shapes, lengths, the vocabulary."""
     batch, width = tf.shape(token_ids)[0], tf.shape(token_ids)[1]
     real = tf.range(width)[None, :] < lengths[:, None]
@@ -121,7 +122,8 @@ def _ids_checks(token_ids, lengths, vocab_size, max_length):
     ]
 
 
-def _policy_checks(threshold, mode):
+def policy_checks(threshold, mode):
+    """Asserts that `threshold` is in [0, 1] and `mode` is one of `EXPORT_MODES`."""
     modes = tf.constant(EXPORT_MODES)
     return [
         tf.debugging.assert_greater_equal(threshold, 0.0, message="threshold must be in [0, 1]"),
@@ -133,7 +135,8 @@ def _policy_checks(threshold, mode):
     ]
 
 
-def _mode_index(mode):
+def mode_index(mode):
+    """The index of the string `mode` in `EXPORT_MODES` (checked by `policy_checks`)."""
     modes = tf.constant(EXPORT_MODES)
     return tf.argmax(tf.cast(tf.equal(mode, modes), tf.int32), output_type=tf.int32)
 
@@ -144,11 +147,11 @@ def _generate_function(adapter: DecoderAdapter, make_policy, stop_token_ids):
     capacity = max_length - 1
 
     def generate_signature(token_ids, lengths, max_new_tokens, threshold, mode):
-        token_ids, lengths, max_new_tokens, threshold, mode = _rank_checked(
+        token_ids, lengths, max_new_tokens, threshold, mode = rank_checked(
             GENERATE_SIGNATURE, token_ids, lengths, max_new_tokens, threshold, mode
         )
         width = tf.shape(token_ids)[1]
-        checks = _ids_checks(token_ids, lengths, vocab_size, max_length)
+        checks = ids_checks(token_ids, lengths, vocab_size, max_length)
         checks += [
             tf.debugging.assert_greater(max_new_tokens, 0, message="max_new_tokens must be > 0"),
             tf.debugging.assert_less_equal(
@@ -157,7 +160,7 @@ def _generate_function(adapter: DecoderAdapter, make_policy, stop_token_ids):
                 message=f"prompt width + max_new_tokens exceeds max_length={max_length}",
             ),
         ]
-        token_ids = _checked(token_ids, checks + _policy_checks(threshold, mode))
+        token_ids = checked(token_ids, checks + policy_checks(threshold, mode))
         # Right padding + lengths -> the engine's left padding + mask.
         source = tf.range(width)[None, :] - (width - lengths)[:, None]
         padding_mask = source >= 0
@@ -180,7 +183,7 @@ def _generate_function(adapter: DecoderAdapter, make_policy, stop_token_ids):
             return run
 
         branches = [branch(name) for name in EXPORT_MODES]
-        tokens, exits = tf.switch_case(_mode_index(mode), branches)
+        tokens, exits = tf.switch_case(mode_index(mode), branches)
         return {
             "token_ids": tokens[:, :max_new_tokens],
             "exit_layers": exits[:, :max_new_tokens],
@@ -193,11 +196,11 @@ def _score_function(adapter: DecoderAdapter, make_policy):
     max_length, vocab_size = adapter.max_length, adapter.vocab_size
 
     def score_signature(token_ids, lengths, threshold, mode):
-        token_ids, lengths, threshold, mode = _rank_checked(
+        token_ids, lengths, threshold, mode = rank_checked(
             SCORE_SIGNATURE, token_ids, lengths, threshold, mode
         )
-        checks = _ids_checks(token_ids, lengths, vocab_size, max_length)
-        token_ids = _checked(token_ids, checks + _policy_checks(threshold, mode))
+        checks = ids_checks(token_ids, lengths, vocab_size, max_length)
+        token_ids = checked(token_ids, checks + policy_checks(threshold, mode))
         real = tf.range(tf.shape(token_ids)[1])[None, :] < lengths[:, None]
         # Causal: a row's padding (after its real tokens) never reaches its real positions.
         token_ids = tf.where(real, token_ids, 0)
@@ -209,7 +212,7 @@ def _score_function(adapter: DecoderAdapter, make_policy):
             return run
 
         branches = [branch(name) for name in EXPORT_MODES]
-        logits, exits = tf.switch_case(_mode_index(mode), branches)
+        logits, exits = tf.switch_case(mode_index(mode), branches)
         return {
             "logits": tf.where(real[:, :, None], logits, 0.0),
             "exit_layers": tf.where(real, exits, 0),
@@ -222,10 +225,10 @@ def _generate_text_function(generate_endpoint, graph_tokenizer, stop_token_ids):
     stop_ids = tf.constant(list(stop_token_ids) or [-1], tf.int32)
 
     def generate_text_signature(prompt, max_new_tokens, threshold, mode):
-        prompt, max_new_tokens, threshold, mode = _rank_checked(
+        prompt, max_new_tokens, threshold, mode = rank_checked(
             GENERATE_TEXT_SIGNATURE, prompt, max_new_tokens, threshold, mode
         )
-        prompt = _checked(
+        prompt = checked(
             prompt,
             [
                 tf.debugging.Assert(
@@ -239,7 +242,7 @@ def _generate_text_function(generate_endpoint, graph_tokenizer, stop_token_ids):
         )
         ids = graph_tokenizer.encode(prompt)
         lengths = tf.cast(ids.row_lengths(), tf.int32)
-        lengths = _checked(
+        lengths = checked(
             lengths,
             [
                 tf.debugging.assert_greater(
@@ -280,9 +283,9 @@ def _logits_function(model, adapter):
     max_length, vocab_size = adapter.max_length, adapter.vocab_size
 
     def logits_signature(token_ids, training=False):
-        (token_ids,) = _rank_checked([TOKEN_IDS], token_ids)
+        (token_ids,) = rank_checked([TOKEN_IDS], token_ids)
         lengths = tf.fill(tf.shape(token_ids)[:1], tf.shape(token_ids)[1])
-        token_ids = _checked(token_ids, _ids_checks(token_ids, lengths, vocab_size, max_length))
+        token_ids = checked(token_ids, ids_checks(token_ids, lengths, vocab_size, max_length))
         return final_logits(model, token_ids, training=training)
 
     return logits_signature
@@ -378,7 +381,7 @@ def export_saved_model(
     generate_fn = _generate_function(adapter, make_policy, stop_token_ids)
     score_fn = _score_function(adapter, make_policy)
     logits_fn = _logits_function(model, adapter)
-    # The first endpoint is also `serving_default`. Each is traced once, in `_write_out`.
+    # The first endpoint is also `serving_default`. Each is traced once, in `write_out_once`.
     generate_endpoint = archive.add_endpoint(
         "generate", generate_fn, input_signature=GENERATE_SIGNATURE
     )
@@ -390,7 +393,7 @@ def export_saved_model(
         text_fn = _generate_text_function(generate_endpoint, graph_tokenizer, stop_token_ids)
         archive.add_endpoint(TEXT_SIGNATURE, text_fn, input_signature=GENERATE_TEXT_SIGNATURE)
     _add_reusable_api(archive, model, logits_fn)
-    _write_out(archive, directory)
+    write_out_once(archive, directory)
     tokenizer_dir = os.path.join(directory, TOKENIZER_SUBDIR)
     if tokenizer is not None:
         # Written aside first: the tokenizer may have been loaded from this very copy.
@@ -402,7 +405,7 @@ def export_saved_model(
     return directory
 
 
-def _write_out(archive, directory: str) -> None:
+def write_out_once(archive, directory: str) -> None:
     """`archive.write_out(directory)`, with each endpoint traced once instead of twice.
 
     Keras's `write_out` traces every endpoint to find the variables it uses, then
