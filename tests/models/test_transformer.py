@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from toex_tf.config import TransformerConfig
-from toex_tf.inference import DecoderAdapter, ExitPolicy, compile_function, flush_lazy, prefill
+from toex_tf.inference import DecoderAdapter, ExitPolicy, flush_lazy, prefill
 from toex_tf.inference.step import decode_step
 from toex_tf.inference.translate import pad_sources, translate
 from toex_tf.models import EarlyExitTransformer, build_transformer
@@ -185,19 +185,6 @@ def test_speculative_equals_full_greedy_and_stops_like_it(draft_layer=2, draft_l
     )
     np.testing.assert_array_equal(np.asarray(drafted[0]), np.asarray(full[0]))
     assert ((np.asarray(drafted[1]) == 0) == (np.asarray(full[1]) == 0)).all()
-
-
-def test_compiled_translation_equals_eager():
-    # The encoder, the cross-attention projections and the lazy decode loop in one
-    # graph (XLA and the other modes are covered on the decoder-only models).
-    model = _depth_dependent_model()
-    adapter = DecoderAdapter(model)
-    options = dict(policy=LAZY, sampling="sample", seed=SEED, stop_token_ids=(1,))
-    ids, mask = pad_sources(SOURCES)
-    eager = translate(adapter, ids, mask, 16, 1, **options)
-    run = compile_function(lambda i, m: translate(adapter, i, m, 16, 1, **options))
-    for a, b in zip(eager, run(ids, mask)):
-        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
 
 
 @pytest.mark.parametrize(
