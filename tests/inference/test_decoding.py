@@ -6,6 +6,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from depth_dependent import make_depth_dependent
 
 from toex_tf.inference import (
     DecoderAdapter,
@@ -352,11 +353,7 @@ def _depth_dependent_adapter(max_length=32):
     final one. With the default init a random tiny model's exits nearly always agree."""
     keras.utils.set_random_seed(1)
     model = _model(max_length=max_length)
-    rng = np.random.default_rng(1)
-    for weight in model.weights:
-        if weight.path.endswith(("ffn/down/kernel", "attention_output/kernel")):
-            std = 1.0 / np.sqrt(weight.shape[0])
-            weight.assign(rng.normal(0.0, std, weight.shape).astype("float32"))
+    make_depth_dependent(model)
     return DecoderAdapter(model)
 
 

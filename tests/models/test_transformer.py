@@ -6,6 +6,7 @@ import os
 import keras
 import numpy as np
 import pytest
+from depth_dependent import make_depth_dependent
 
 from toex_tf.config import TransformerConfig
 from toex_tf.inference import DecoderAdapter, ExitPolicy, flush_lazy, prefill
@@ -33,13 +34,7 @@ def _depth_dependent_model():
     embeddings: exits disagree with each other and confidences vary by token, so exit
     modes take different paths (a random tiny model's exits nearly always agree)."""
     model = _model()
-    rng = np.random.default_rng(1)
-    for weight in model.weights:
-        if weight.path.endswith(("ffn/down/kernel", "attention_output/kernel")):
-            std = 1.0 / np.sqrt(weight.shape[0])
-            weight.assign(rng.normal(0.0, std, weight.shape).astype("float32"))
-    embeddings = model.token_embedding.embeddings
-    embeddings.assign(np.asarray(embeddings) * 8.0)
+    make_depth_dependent(model, embedding_scale=8.0)
     return model
 
 

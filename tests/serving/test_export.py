@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from depth_dependent import make_depth_dependent
 from serving_helpers import fresh_process, right_padded
 
 from toex_tf.export import (
@@ -37,13 +38,7 @@ def _gpt():
     early exits change the text (a peaky model's exits all predict the input token)."""
     keras.utils.set_random_seed(1)
     model = build_gpt("tiny", num_layers=NUM_LAYERS, exit_layers="all", max_length=32)
-    rng = np.random.default_rng(1)
-    for weight in model.weights:
-        if weight.path.endswith(("ffn/down/kernel", "attention_output/kernel")):
-            std = 1.0 / np.sqrt(weight.shape[0])
-            weight.assign(rng.normal(0.0, std, weight.shape).astype("float32"))
-    embeddings = model.token_embedding.embeddings
-    embeddings.assign(np.asarray(embeddings) * 4.0)
+    make_depth_dependent(model, embedding_scale=4.0)
     return model
 
 

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from depth_dependent import make_depth_dependent
 
 from toex_tf.data.tokenizers import ByteTokenizer
 from toex_tf.export import xla_ops
@@ -21,13 +22,7 @@ def exported(tmp_path_factory):
     keras.utils.set_random_seed(2)
     model = build_transformer("tiny", vocab_size=257, num_layers=3, max_length=12)
     # Layers that move the residual stream and sharper embeddings: exits vary by token.
-    rng = np.random.default_rng(1)
-    for weight in model.weights:
-        if weight.path.endswith(("ffn/down/kernel", "attention_output/kernel")):
-            std = 1.0 / np.sqrt(weight.shape[0])
-            weight.assign(rng.normal(0.0, std, weight.shape).astype("float32"))
-    embeddings = model.token_embedding.embeddings
-    embeddings.assign(np.asarray(embeddings) * 8.0)
+    make_depth_dependent(model, embedding_scale=8.0)
     directory = str(tmp_path_factory.mktemp("export") / "saved")
     export_translation(model, directory, tokenizer=TOKENIZER)
     return model, directory, tf.saved_model.load(directory)
