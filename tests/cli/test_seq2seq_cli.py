@@ -84,6 +84,26 @@ def test_translation_trains_evaluates_and_generates(tmp_path):
     signatures = json.loads(exported.stdout.strip().splitlines()[-1])["signatures"]
     assert signatures == ["translate", "serving_default", "translate_text"]
     assert (run_dir / "saved_model" / "saved_model.pb").exists()
+    # --mode=calibrate: agreement with full depth on validation sources, BLEU per row.
+    calibrated = run_cli(
+        *common,
+        "--mode=calibrate",
+        "--decode_mode=frozen",
+        "--calibration_thresholds=0.0,0.5",
+        "--calibration_prompts=5",
+        "--calibration_batch_size=2",
+        "--target_agreement=0.5",
+    )
+    assert calibrated.returncode == 0, calibrated.stderr[-3000:]
+    record = json.loads((run_dir / "calibration.json").read_text())
+    rows = record["calibration"]["rows"]
+    assert [row["threshold"] for row in rows] == [1.0, 0.5, 0.0]
+    assert rows[0]["agreement"] == 1.0 and rows[0]["avg_layers"] == 2.0  # never exits
+    assert rows[0]["bleu"] == record["full_depth"]["bleu"]  # 1.0 translates as full depth
+    assert rows[-1]["avg_layers"] == 1.0  # threshold 0: every token leaves at layer 1
+    assert record["settings"]["split"] == "validation"
+    assert 0 < record["settings"]["num_sentences"] <= 5
+    assert f"Chosen threshold: {record['calibration']['threshold']:g}" in calibrated.stdout
 
 
 def test_seq2seq_errors_are_one_line(tmp_path):
@@ -93,6 +113,6 @@ def test_seq2seq_errors_are_one_line(tmp_path):
     assert result.returncode != 0
     assert "target_lang 'xx' is not a known language code" in result.stderr
     assert "Traceback" not in result.stderr
-    result = run_cli("--model=seq2seq", f"--output_dir={tmp_path}", "--mode=calibrate")
+    result = run_cli("--model=seq2seq", f"--output_dir={tmp_path}", "--mode=train_gates")
     assert result.returncode != 0
-    assert "does not support --mode=calibrate" in result.stderr
+    assert "does not support --mode=train_gates" in result.stderr

@@ -287,7 +287,10 @@ def calibrate_threshold(
 
     Args:
         adapter: the model (`DecoderAdapter(model)`).
-        prompts: int `(num_prompts, prompt_length)` token ids; at least one row.
+        prompts: int `(num_prompts, prompt_length)` token ids; at least one row. With a
+            custom `run_fn`, any int array whose first axis is the prompts: `run_fn`'s
+            function gets slices of it (e.g. `(num_prompts, 2, length)` source ids and
+            padding masks for a translation model).
         max_new_tokens: int > 0, tokens generated per prompt.
         policy: the exit policy to calibrate (any mode but `"full"`); only its
             threshold is changed.
@@ -330,7 +333,9 @@ def calibrate_threshold(
         )
     candidates = _check_thresholds(DEFAULT_THRESHOLDS if thresholds is None else thresholds)
     prompts = np.asarray(prompts)
-    if prompts.ndim != 2 or prompts.shape[0] == 0:
+    # A custom run_fn may take more than ids per row (a translation's ids and mask).
+    rank_ok = prompts.ndim == 2 or (run_fn is not None and prompts.ndim > 2)
+    if not rank_ok or prompts.shape[0] == 0:
         raise ValueError(
             f"prompts must be (num_prompts >= 1, prompt_length) token ids; got shape "
             f"{prompts.shape}."

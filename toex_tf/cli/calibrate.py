@@ -19,6 +19,10 @@ def run() -> dict:
     from toex_tf.calibration.thresholds import calibrate_threshold  # noqa: PLC0415
     from toex_tf.inference import ExitPolicy, compiled_generate  # noqa: PLC0415
 
+    if FLAGS.model == "seq2seq":
+        from toex_tf.cli import seq2seq  # noqa: PLC0415
+
+        return seq2seq.calibrate()
     lm = load_run_model()
     model, mode = lm.model, FLAGS.decode_mode
     criterion = FLAGS.decode_criterion or lm.policy.criterion

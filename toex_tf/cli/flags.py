@@ -416,10 +416,10 @@ def check_combinations() -> None:
         )
     if FLAGS.target_speedup and FLAGS.target_speedup <= 1.0:
         raise ValueError(f"--target_speedup must be > 1; got {FLAGS.target_speedup}.")
-    if FLAGS.model == "seq2seq" and FLAGS.mode in ("calibrate", "train_gates"):
+    if FLAGS.model == "seq2seq" and FLAGS.mode == "train_gates":
         raise ValueError(
-            f"--model=seq2seq does not support --mode={FLAGS.mode} yet; it supports train, "
-            "eval, train_and_eval, generate, benchmark and export."
+            "--model=seq2seq does not support --mode=train_gates yet; it supports train, "
+            "eval, train_and_eval, generate, benchmark, calibrate and export."
         )
     if FLAGS.mode == "generate" and not FLAGS.prompt:
         raise ValueError("--mode=generate needs --prompt.")

@@ -8,8 +8,10 @@
   batch 1: sacreBLEU BLEU and chrF, average decoder exit layer, ideal and measured decoder
   speedup (side by side with full depth) → results.json, results.png, a printed table.
 - benchmark: the same sweep with `--benchmark_thresholds` → benchmark.json.
-- calibrate: the lowest `--calibration_thresholds` value of `--decode_mode` whose
-  outputs keep BLEU within `--max_bleu_drop` of full depth on validation sentences.
+- calibrate: the cheapest `--calibration_thresholds` value of `--decode_mode` whose greedy
+  translations of `--calibration_prompts` validation sources keep `--target_agreement`
+  with full depth (empirical, or Learn-then-Test) → calibration.json, with each
+  threshold's BLEU and chrF against the references next to its agreement.
 
 `generate` and `export` go through the Python API (`AdaptiveTranslator`) and the export
 module like the other families.
@@ -146,3 +148,130 @@ def evaluate(trained_here: bool = False) -> dict:
 
 def benchmark() -> dict:
     return _sweep([float(t) for t in FLAGS.benchmark_thresholds], corpus().test, "benchmark")
+
+
+def calibrate() -> dict:
+    """`--mode=calibrate` for translation: the threshold, on validation sources (the
+    test catalogs stay unseen), at `--calibration_batch_size` sentences per call."""
+    import numpy as np  # noqa: PLC0415
+    import sacrebleu  # noqa: PLC0415
+
+    from toex_tf.analysis.speed import device_name  # noqa: PLC0415
+    from toex_tf.calibration.thresholds import calibrate_threshold  # noqa: PLC0415
+    from toex_tf.cli.common import append_to_config_log, model_record  # noqa: PLC0415
+    from toex_tf.cli.flags import policy_options  # noqa: PLC0415
+    from toex_tf.inference import DecoderAdapter, ExitPolicy  # noqa: PLC0415
+    from toex_tf.inference.compiled import compile_function  # noqa: PLC0415
+    from toex_tf.inference.translate import pad_sources, translate  # noqa: PLC0415
+
+    translator = load_run_model()
+    model, tokenizer = translator.model, translator.tokenizer
+    mode = FLAGS.decode_mode
+    criterion = FLAGS.decode_criterion or translator.policy.criterion
+    new_tokens = min(FLAGS.max_new_tokens, model.max_length - 1)
+    pairs = [
+        (ids, reference)
+        for ids, reference in ((tokenizer.encode(s), r) for s, r in corpus().validation)
+        if 0 < len(ids) <= model.max_source_length
+    ][: FLAGS.calibration_prompts]
+    if not pairs:
+        raise ValueError(
+            f"--mode=calibrate found no validation source of 1..{model.max_source_length} "
+            "tokens; raise --validation_fraction or use another --dataset."
+        )
+    ids, mask = pad_sources([ids for ids, _ in pairs], length=model.max_source_length)
+    prompts = np.stack([ids, mask], axis=1)  # (sentences, 2, source_length)
+    eos = tokenizer.eos_id
+    adapter = DecoderAdapter(model)
+    outputs = {}  # threshold (None: full depth) -> generated ids, to score BLEU after
+
+    def run(source_ids, source_mask, threshold, run_policy):
+        policy = dataclasses.replace(run_policy, threshold=threshold)
+        return translate(
+            adapter, source_ids, source_mask, new_tokens, eos, policy=policy,
+            stop_token_ids=(eos,), return_state=True,
+        )  # fmt: skip
+
+    compiled = {}
+
+    def run_fn(policy):
+        # One trace per mode: the threshold is an input of the compiled program.
+        if policy.mode not in compiled:
+            compiled[policy.mode] = compile_function(
+                lambda i, m, t, p=policy: run(i, m, t, p), FLAGS.decode_jit_compile, True
+            )
+        key = None if policy.mode == "full" else policy.threshold
+        threshold = np.asarray(policy.threshold, "float32")
+
+        def fn(batch):
+            tokens, exits, state = compiled[policy.mode](batch[:, 0], batch[:, 1], threshold)
+            outputs.setdefault(key, []).append(tokens)
+            return tokens, exits, state
+
+        return fn
+
+    thresholds = None
+    if FLAGS.calibration_thresholds:
+        thresholds = tuple(float(t) for t in FLAGS.calibration_thresholds)
+    calibration = calibrate_threshold(
+        adapter,
+        prompts,
+        new_tokens,
+        ExitPolicy(mode, criterion, **policy_options()),
+        target_agreement=FLAGS.target_agreement,
+        thresholds=thresholds,
+        method=FLAGS.calibration_method,
+        delta=FLAGS.calibration_delta,
+        run_fn=run_fn,
+        stop_token_ids=(eos,),
+        batch_size=FLAGS.calibration_batch_size,
+    )
+    references = [reference for _, reference in pairs]
+
+    def scores(key):
+        texts = []
+        for row in np.concatenate(outputs[key]).tolist():
+            texts.append(tokenizer.decode(row[: row.index(eos)] if eos in row else row))
+        return (
+            sacrebleu.corpus_bleu(texts, [references]).score,
+            sacrebleu.corpus_chrf(texts, [references]).score,
+        )
+
+    full_bleu, full_chrf = scores(None)
+    for row in calibration.rows:
+        row["bleu"], row["chrf"] = scores(row["threshold"])
+    record = {
+        "model": model_record(model),
+        "settings": {
+            "mode": mode,
+            "criterion": criterion,
+            "num_sentences": len(pairs),
+            "max_new_tokens": new_tokens,
+            "batch_size": FLAGS.calibration_batch_size,
+            "dataset": FLAGS.dataset,
+            "split": "validation",
+            "jit_compile": FLAGS.decode_jit_compile,
+            "device": device_name(),
+        },
+        "full_depth": {"bleu": full_bleu, "chrf": full_chrf},
+        "calibration": calibration.to_dict(),
+    }
+    path = os.path.join(FLAGS.output_dir, "calibration.json")
+    write_json(path, record)
+    print(f"{'threshold':>9} {'agreement':>9} {'layers':>7} {'BLEU':>6} {'chrF':>6}")
+    for row in calibration.rows:
+        print(
+            f"{row['threshold']:>9g} {row['agreement']:>9.3f} {row['avg_layers']:>7.2f} "
+            f"{row['bleu']:>6.2f} {row['chrf']:>6.2f}"
+        )
+    chosen = next(r for r in calibration.rows if r["threshold"] == calibration.threshold)
+    print(
+        f"Chosen threshold: {calibration.threshold:g} ({mode}/{criterion}, "
+        f"{FLAGS.calibration_method}): agreement {calibration.agreement:.3f} with full depth "
+        f"at {calibration.avg_layers:.2f} of {model.num_layers} decoder layers per step; "
+        f"BLEU {chosen['bleu']:.2f} against {full_bleu:.2f} at full depth on {len(pairs)} "
+        f"validation sentences. {calibration.note}"
+    )
+    print(f"Wrote {path}.")
+    append_to_config_log(calibration=record["calibration"])
+    return record
