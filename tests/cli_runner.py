@@ -19,6 +19,20 @@ def run_cli(*args, timeout=600, cwd=None):
     )
 
 
+# A tiny GPT run on a byte tokenizer: trains in seconds (the GPT CLI tests).
+TINY = [
+    "--preset=tiny",
+    "--tokenizer=byte",
+    "--seq_len=16",
+    "--batch_size=4",
+    "--train_steps=6",
+    "--warmup_steps=2",
+    "--checkpoint_every=3",
+    "--eval_windows=8",
+    "--thresholds=0.0,0.5,1.0",
+]
+
+
 WORDS = (
     "the cat sat on a mat while the dog ran after a ball in the garden and "
     "a bird sang over the quiet river near the old stone bridge"

@@ -9,20 +9,37 @@ the same in pytest-xdist workers. Expected failures (`xfail`) are left alone.
 """
 
 import os
+from unittest import mock
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 FAIL_ON_SKIP_VARIABLE = "TOEX_FAIL_ON_SKIP"
 # Skips that CI accepts; a reason containing one of these stays a skip. None so far.
 ALLOWED_SKIP_REASONS: tuple[str, ...] = ()
 
 
+SEED = 1234
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tensorflow_seed():
+    tf.random.set_seed(SEED)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
-    keras.utils.set_random_seed(1234)
+    """`keras.utils.set_random_seed(SEED)` before each test (Python, NumPy and Keras's
+    global seed generator), without TensorFlow's `tf.random.set_seed`: that one also
+    clears the eager kernel cache, so each compiled or loaded function (an export's
+    decode loop) was instantiated and optimised again, about 5 s, in every test. toex_tf
+    draws random numbers through Keras's stateless ops, which TF's global seed does not
+    affect; it is set once per session (`_tensorflow_seed`)."""
+    with mock.patch.object(tf.random, "set_seed", lambda seed: None):
+        keras.utils.set_random_seed(SEED)
 
 
 def _skip_reason(report) -> str:

@@ -7,7 +7,7 @@ are named configs, not code paths.
 import dataclasses
 from dataclasses import dataclass, field
 
-from toex_tf.inference.criteria import CRITERIA, validate_threshold
+from toex_tf.inference.criteria_names import CRITERIA, validate_threshold
 
 
 def resolve_exit_layers(exit_layers, num_layers: int) -> tuple[int, ...]:

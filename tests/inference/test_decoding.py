@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -357,14 +358,23 @@ def _depth_dependent_adapter(max_length=32):
     return DecoderAdapter(model)
 
 
+SPECULATIVE_PROMPTS = (TOKENS[:, :4], TOKENS[:1, :9])
+
+
+@functools.cache
+def _full_greedy_64(model: str):
+    """The model and its full-depth greedy 64 tokens per prompt (shared by the cases)."""
+    adapter = _peaky_adapter(96) if model == "peaky" else _depth_dependent_adapter(96)
+    return adapter, [generate(adapter, prompt, 64)[0] for prompt in SPECULATIVE_PROMPTS]
+
+
 @pytest.mark.parametrize(
     "draft_layer, draft_length, model",
     [(1, 3, "depth"), (3, 2, "depth"), (2, 4, "peaky")],
 )
 def test_speculative_greedy_equals_full_greedy_for_64_tokens(draft_layer, draft_length, model):
-    adapter = _peaky_adapter(96) if model == "peaky" else _depth_dependent_adapter(96)
-    for prompt in (TOKENS[:, :4], TOKENS[:1, :9]):
-        reference, _ = generate(adapter, prompt, 64)
+    adapter, references = _full_greedy_64(model)
+    for prompt, reference in zip(SPECULATIVE_PROMPTS, references):
         tokens, exits, state = generate_speculative(
             adapter, prompt, 64, draft_layer, draft_length, return_state=True
         )

@@ -1,10 +1,14 @@
-"""The translation SavedModel: `translate` equals Python for every mode; text and errors."""
+"""The translation SavedModel: `translate` equals Python for every mode, also in a fresh
+process without toex_tf; text and errors."""
+
+import json
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from depth_dependent import make_depth_dependent
+from serving_helpers import fresh_process
 
 from toex_tf.data.tokenizers import ByteTokenizer
 from toex_tf.export import xla_ops
@@ -83,3 +87,48 @@ def test_translate_text_and_bad_input(exported):
     ]:
         with pytest.raises(tf.errors.InvalidArgumentError, match=message):
             call(**{**good, **change})
+
+
+FRESH_PROCESS = """
+import json, sys
+sys.modules["toex_tf"] = None  # toex_tf must not be importable here
+try:
+    import toex_tf  # noqa
+    raise SystemExit("toex_tf was importable")
+except ImportError:
+    pass
+import tensorflow as tf
+loaded = tf.saved_model.load(sys.argv[1])
+ids, lengths, sources = (json.loads(a) for a in sys.argv[2:5])
+result = {}
+for mode in ("full", "unfrozen", "frozen", "lazy"):
+    out = loaded.signatures["translate"](
+        token_ids=tf.constant(ids, tf.int32), lengths=tf.constant(lengths, tf.int32),
+        max_new_tokens=tf.constant(8), threshold=tf.constant(0.05), mode=tf.constant(mode))
+    text = loaded.signatures["translate_text"](
+        source=tf.constant(sources), max_new_tokens=tf.constant(8),
+        threshold=tf.constant(0.05), mode=tf.constant(mode))
+    result[mode] = [out["token_ids"].numpy().tolist(), out["exit_layers"].numpy().tolist(),
+                    [t.decode() for t in text["text"].numpy()]]
+print("RESULT", json.dumps(result))
+"""
+
+
+def test_fresh_process_without_toex_tf_translates_as_python(exported, tmp_path):
+    model, directory, loaded = exported
+    ids, mask = pad_sources([TOKENIZER.encode(s) for s in SOURCES])
+    lengths = mask.sum(1).astype("int32")
+    args = (json.dumps(a) for a in (ids.tolist(), lengths.tolist(), SOURCES))
+    result = fresh_process(FRESH_PROCESS, tmp_path, directory, *args)
+    adapter = DecoderAdapter(model)
+    for mode, (tokens, exits, texts) in result.items():
+        policy = ExitPolicy(mode, "max_prob", 0.05, max_pending=8)
+        want, want_exits = translate(
+            adapter, ids, mask, 11, TOKENIZER.eos_id, policy=policy, stop_token_ids=(256,)
+        )
+        want, want_exits = np.asarray(want)[:, :8], np.asarray(want_exits)[:, :8]
+        np.testing.assert_array_equal(tokens, want, err_msg=mode)
+        np.testing.assert_array_equal(exits, want_exits, err_msg=mode)
+        for row, text in zip(want.tolist(), texts):
+            kept = row[: row.index(256)] if 256 in row else row
+            assert text == TOKENIZER.decode(kept), mode

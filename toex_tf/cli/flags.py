@@ -17,7 +17,7 @@ from toex_tf.config import (
     EvalConfig,
     TrainConfig,
 )
-from toex_tf.inference.criteria import CRITERIA, DECODE_CRITERIA
+from toex_tf.inference.criteria_names import CRITERIA, DECODE_CRITERIA
 
 FAMILIES = ("gpt", "llama", "seq2seq")
 

@@ -20,29 +20,19 @@ Criteria (`ExitPolicy.criterion`):
     learned     the exit block's `LearnedExitGate` on the normed hidden state (CALM's
                 learned consistency classifier), no vocabulary projection.
 
-This module needs Keras only (no TensorFlow) and imports nothing else of toex_tf, so the
-layers can use it too.
+This module needs Keras only (no TensorFlow) and imports nothing else of toex_tf but
+`criteria_names` (the names and the threshold check), so the layers can use it too.
 """
-
-import math
 
 import numpy as np
 from keras import ops
 
-# Criteria read from logits alone (`logit_confidence`, `TopKConfidenceGate`).
-CRITERIA = ("max_prob", "margin", "entropy")
-DECODE_CRITERIA = CRITERIA + ("kl", "saturation", "patience", "learned")
-# Criteria that read the cheap (shortlist or low-rank) head; the others read hidden states.
-CHEAP_HEAD_CRITERIA = CRITERIA + ("kl", "patience")
-
-
-def validate_threshold(threshold: float, name: str = "threshold") -> float:
-    """Returns `threshold` as a float, or raises when it is not a number in [0, 1]."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating)):
-        raise TypeError(f"{name} must be a float in [0, 1]; got {threshold!r}.")
-    if math.isnan(threshold) or not 0.0 <= float(threshold) <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1]; got {threshold}.")
-    return float(threshold)
+from toex_tf.inference.criteria_names import (  # noqa: F401 - re-exported
+    CHEAP_HEAD_CRITERIA,
+    CRITERIA,
+    DECODE_CRITERIA,
+    validate_threshold,
+)
 
 
 def passes(confidence, threshold):

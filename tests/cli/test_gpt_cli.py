@@ -1,0 +1,155 @@
+"""The GPT CLI end to end on tiny data (train, eval, generate), and its errors for bad
+flags, data, models and checkpoints."""
+
+import json
+import os
+
+import pytest
+from cli_runner import TINY, run_cli, write_corpus
+
+
+def test_train_and_eval_writes_model_results_and_logs(tmp_path):
+    glob = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    result = _run(*TINY, f"--dataset=text:{glob}", f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "model.keras").exists() and (out / "tokenizer" / "tokenizer.json").exists()
+    assert os.listdir(out / "tensorboard")
+    assert (out / "exit_curve.png").read_bytes()[:4] == b"\x89PNG"
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"config", "baseline", "sweeps"}
+    assert set(results["baseline"]) == {"perplexity", "accuracy", "num_layers"}
+    assert len(results["sweeps"]) == 3 * 3
+    keys = {
+        "criterion",
+        "threshold",
+        "avg_exit_layer",
+        "exit_rate",
+        "exit_distribution",
+        "savings",
+        "ideal_speedup",
+        "perplexity",
+        "accuracy",
+    }
+    for row in results["sweeps"]:
+        assert set(row) == keys
+        assert sum(row["exit_distribution"].values()) == pytest.approx(1.0)
+    zero = [r for r in results["sweeps"] if r["threshold"] == 0.0]
+    assert all(r["exit_rate"] > 0.5 for r in zero)
+    never = [r for r in results["sweeps"] if r["threshold"] == 1.0]
+    assert all(
+        r["exit_rate"] == 0 and r["perplexity"] == results["baseline"]["perplexity"] for r in never
+    )
+    assert results["config"]["flags"]["train_steps"] == 6
+    assert "criterion" in result.stdout and "full depth" in result.stdout
+    log = [json.loads(line) for line in (out / "config_log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and log[0]["results"]["baseline"] == results["baseline"]
+
+    # Generation: text in, text and per-token exit layers out (JSON on stdout and on disk).
+    for mode in ("lazy", "speculative"):
+        generated = _run(
+            *TINY,
+            f"--output_dir={out}",
+            "--mode=generate",
+            "--prompt=the cat",
+            "--max_new_tokens=5",
+            f"--decode_mode={mode}",
+            "--decode_threshold=0.0",
+        )
+        assert generated.returncode == 0, generated.stderr[-3000:]
+        record = json.loads((out / "generate.json").read_text())
+        assert json.loads(generated.stdout[generated.stdout.index("{") :]) == record
+        (result,) = record["results"]
+        assert record["settings"]["mode"] == mode and 0 < len(result["tokens"]) <= 5
+        assert all(1 <= t["exit_layer"] <= 2 for t in result["tokens"])
+        assert result["text"] == "".join(t["token"] for t in result["tokens"])
+    for prompt, message in (("", "prompts[0] is empty"), ("x" * 40, "max_length")):
+        bad = _run(*TINY, f"--output_dir={out}", "--mode=generate", f"--prompt={prompt}")
+        assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-2000:]
+        assert "Traceback" not in bad.stderr
+
+    # Eval alone reuses the saved model and tokenizer, and appends to the log.
+    again = _run(*TINY, f"--dataset=text:{glob}", f"--output_dir={out}", "--mode=eval")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["baseline"] == results["baseline"]
+    assert len((out / "config_log.jsonl").read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mode=fly"], "--mode"),
+        (["--thresholds=0.5,1.5"], "--thresholds must be numbers in [0, 1]"),
+        (["--criteria=margin,vibes"], "--criteria must be a subset"),
+        (["--strategy=tpu"], "--strategy"),
+        (["--exit_layers=0,2"], "exit layer 0 is out of range"),
+        (["--exit_layers=1,9"], "exit layer 9 is out of range"),
+        (["--decode_threshold=1.5"], "--decode_threshold"),
+        (["--decode_mode=teleport"], "--decode_mode"),
+        (["--mode=generate"], "needs --prompt"),
+        (["--benchmark_modes=lazy,warp"], "--benchmark_modes must be a subset"),
+        (["--benchmark_batches=1,0"], "--benchmark_batches must be positive integers"),
+        (["--benchmark_thresholds=2"], "--benchmark_thresholds must be numbers in [0, 1]"),
+        (["--benchmark_speculative=1-4"], "--benchmark_speculative must be draft_layer:"),
+        (["--target_agreement=0"], "--target_agreement must be in (0, 1]"),
+        (["--calibration_delta=1"], "--calibration_delta must be in (0, 1)"),
+        (["--calibration_method=bayes"], "--calibration_method"),
+        (["--calibration_thresholds=0.5,-1"], "--calibration_thresholds must be numbers"),
+        (["--mode=calibrate", "--decode_mode=speculative"], "needs an exiting --decode_mode"),
+        (["--mode=benchmark"], "no model at"),
+        (["--mode=calibrate"], "no model at"),
+        (["--mode=train_gates"], "no model at"),
+        (["--decision_layers=0,a"], "--decision_layers must be positive integers"),
+        (["--decode_criterion=vibes"], "--decode_criterion"),
+        (["--patience=0"], "--patience"),
+        (["--threshold_decay=-1"], "--threshold_decay"),
+    ],
+)
+def test_bad_flags_fail_with_a_clear_message(tmp_path, args, message):
+    glob = write_corpus(tmp_path / "corpus", docs=4)
+    result = _run(*TINY, f"--dataset=text:{glob}", f"--output_dir={tmp_path / 'out'}", *args)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_data_fails_with_a_clear_message(tmp_path):
+    out = f"--output_dir={tmp_path / 'out'}"
+    result = _run(*TINY, f"--dataset=text:{tmp_path}/nothing/*.txt", out)
+    assert result.returncode != 0 and "matched no files" in result.stderr
+    blank = tmp_path / "blank"  # a path without the word: the message must say it
+    blank.mkdir()
+    (blank / "a.txt").write_text("   \n")
+    assert "empty" not in str(blank)
+    result = _run(*TINY, f"--dataset=text:{blank}/*.txt", out)
+    assert result.returncode != 0 and "gave an empty corpus" in result.stderr, result.stderr
+    result = _run(*TINY, "--dataset=parquet:x", out)
+    assert result.returncode != 0 and "parquet:x" in result.stderr
+
+
+def test_missing_or_corrupt_model_and_checkpoint(tmp_path):
+    glob = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    result = _run(*TINY, f"--dataset=text:{glob}", f"--output_dir={out}", "--mode=eval")
+    assert result.returncode != 0 and "no model at" in result.stderr
+
+    out.mkdir(exist_ok=True)
+    (out / "model.keras").write_bytes(b"not a zip file")
+    result = _run(*TINY, f"--dataset=text:{glob}", f"--output_dir={out}", "--mode=eval")
+    assert result.returncode != 0 and "corrupt" in result.stderr
+
+    result = _run(
+        *TINY, f"--dataset=text:{glob}", f"--output_dir={out}", "--mode=train", "--train_steps=3"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = out / "checkpoints" / "ckpt-00000003"
+    with open(checkpoint / "optimizer.npz", "r+b") as f:
+        f.write(b"garbage!")
+    result = _run(*TINY, f"--dataset=text:{glob}", f"--output_dir={out}", "--mode=train")
+    assert result.returncode != 0
+    assert "optimizer.npz" in result.stderr and "corrupt" in result.stderr
+    assert checkpoint.exists(), "a corrupt checkpoint is reported, never deleted"
+
+
+def _run(*args, timeout=600):
+    return run_cli(*args, timeout=timeout)
