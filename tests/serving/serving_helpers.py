@@ -7,6 +7,19 @@ import sys
 
 import numpy as np
 
+# The start of a fresh-process script: toex_tf cannot be imported there (checked), only
+# TensorFlow, as on a serving host.
+WITHOUT_TOEX_TF = """
+import json, sys
+sys.modules["toex_tf"] = None  # toex_tf must not be importable here
+try:
+    import toex_tf  # noqa
+    raise SystemExit("toex_tf was importable")
+except ImportError:
+    pass
+import tensorflow as tf
+"""
+
 
 def right_padded(prompts):
     """Right-padded int32 ids and lengths of a list of id lists."""

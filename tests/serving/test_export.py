@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from depth_dependent import make_depth_dependent
-from serving_helpers import fresh_process, right_padded
+from serving_helpers import WITHOUT_TOEX_TF, fresh_process, right_padded
 
 from toex_tf.export import (
     EXPORT_MODES,
@@ -232,15 +232,9 @@ def test_tfsm_layer_in_a_keras_3_model(gpt_export):
     np.testing.assert_allclose(np.asarray(wrapped(ids)), np.asarray(want), atol=1e-5)
 
 
-FRESH_PROCESS = """
-import json, sys
-sys.modules["toex_tf"] = None  # toex_tf must not be importable here
-try:
-    import toex_tf  # noqa
-    raise SystemExit("toex_tf was importable")
-except ImportError:
-    pass
-import tensorflow as tf
+FRESH_PROCESS = (
+    WITHOUT_TOEX_TF
+    + """
 loaded = tf.saved_model.load(sys.argv[1])
 out = loaded.signatures["generate"](
     token_ids=tf.constant(json.loads(sys.argv[2]), tf.int32),
@@ -250,6 +244,7 @@ out = loaded.signatures["generate"](
 result = [out["token_ids"].numpy().tolist(), out["exit_layers"].numpy().tolist()]
 print("RESULT", json.dumps(result))
 """
+)
 
 
 def test_fresh_process_without_toex_tf_generates_the_same_tokens(gpt_export, tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from depth_dependent import make_depth_dependent
-from serving_helpers import fresh_process
+from serving_helpers import WITHOUT_TOEX_TF, fresh_process
 
 from toex_tf.data.tokenizers import ByteTokenizer
 from toex_tf.export import xla_ops
@@ -89,15 +89,9 @@ def test_translate_text_and_bad_input(exported):
             call(**{**good, **change})
 
 
-FRESH_PROCESS = """
-import json, sys
-sys.modules["toex_tf"] = None  # toex_tf must not be importable here
-try:
-    import toex_tf  # noqa
-    raise SystemExit("toex_tf was importable")
-except ImportError:
-    pass
-import tensorflow as tf
+FRESH_PROCESS = (
+    WITHOUT_TOEX_TF
+    + """
 loaded = tf.saved_model.load(sys.argv[1])
 ids, lengths, sources = (json.loads(a) for a in sys.argv[2:5])
 result = {}
@@ -112,6 +106,7 @@ for mode in ("full", "unfrozen", "frozen", "lazy"):
                     [t.decode() for t in text["text"].numpy()]]
 print("RESULT", json.dumps(result))
 """
+)
 
 
 def test_fresh_process_without_toex_tf_translates_as_python(exported, tmp_path):
