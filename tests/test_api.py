@@ -132,6 +132,9 @@ def test_default_policy_is_the_models_saved_gate(run_dir):
         (lambda lm: lm.generate("a", mode="speculative", do_sample=True), ValueError, "greedy"),
         (lambda lm: lm.score("a"), ValueError, "scoring needs two"),
         (lambda lm: lm.score(["ab"], mode="speculative"), ValueError, "use 'full'"),
+        (lambda lm: lm.generate([[1, 99999]]), ValueError, "prompts[0] holds token ids"),
+        (lambda lm: lm.generate("a", trace=1), TypeError, "trace must be a bool"),
+        (lambda lm: lm.generate("a", mode="speculative", trace=True), ValueError, "makes none"),
     ],
 )
 def test_bad_input_names_the_argument(run_dir, call, error, message):

@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from toex_tf.data.continuation import decode_continuation
+from toex_tf.generation import Generation, with_trace
 from toex_tf.inference.adapter import DecoderAdapter
 from toex_tf.inference.compiled import compile_function, compiled_speculative
 from toex_tf.inference.loop import generate
@@ -23,43 +24,18 @@ from toex_tf.inference.prompts import pad_prompts
 
 MODES = ("full", "unfrozen", "frozen", "lazy", "speculative")
 POLICY_FIELDS = ("criterion", "threshold", "decision_layers", "max_pending", "patience")
+TRACE_ALTERNATIVES = 5  # top alternatives a traced generation records per token
 
 
-@dataclasses.dataclass(frozen=True)
-class Generation:
-    """One prompt's continuation.
-
-    Attributes:
-        prompt: the prompt text.
-        text: the continuation (without the prompt and the stop token).
-        tokens: each generated token's text piece; they join to `text` (before a
-            stop string cut it).
-        token_ids: the generated ids.
-        exit_layers: the 1-based layer each token left at.
-    """
-
-    prompt: str
-    text: str
-    tokens: list
-    token_ids: list
-    exit_layers: list
-
-    def annotated(self) -> str:
-        """The continuation with each token's exit layer after it: `" a⟨16⟩ list⟨30⟩"`."""
-        return "".join(
-            f"{piece}\u27e8{layer}\u27e9" for piece, layer in zip(self.tokens, self.exit_layers)
+def check_trace(trace, mode) -> None:
+    """`trace` must be a bool, and speculative decoding has no exit decisions to trace."""
+    if not isinstance(trace, bool):
+        raise TypeError(f"trace must be a bool; got {trace!r}.")
+    if trace and mode == "speculative":
+        raise ValueError(
+            "trace=True records exit decisions; speculative decoding makes none (its "
+            "tokens are full depth's): use mode 'full', 'unfrozen', 'frozen' or 'lazy'."
         )
-
-    def to_dict(self) -> dict:
-        """`{"prompt", "text", "tokens": [{"token", "id", "exit_layer"}]}` (the CLI's JSON)."""
-        return {
-            "prompt": self.prompt,
-            "text": self.text,
-            "tokens": [
-                {"token": piece, "id": token, "exit_layer": layer}
-                for piece, token, layer in zip(self.tokens, self.token_ids, self.exit_layers)
-            ],
-        }
 
 
 def default_policy(model, mode: str = "lazy") -> ExitPolicy:
@@ -154,6 +130,12 @@ class AdaptiveLM:
                 texts.append(self.tokenizer.decode(encoded) if self.tokenizer else "")
             if not encoded:
                 raise ValueError(f"prompts[{index}] is empty: {prompt!r} encodes to no token.")
+            vocab = self.model.vocab_size
+            if min(encoded) < 0 or max(encoded) >= vocab:
+                raise ValueError(
+                    f"prompts[{index}] holds token ids from {min(encoded)} to {max(encoded)}; "
+                    f"the model's vocabulary is [0, {vocab}) (is the tokenizer the model's?)."
+                )
             ids.append(encoded)
         return texts, ids
 
@@ -172,6 +154,7 @@ class AdaptiveLM:
         draft_layer: int = 1,
         draft_length: int = 4,
         jit_compile: bool = False,
+        trace: bool = False,
         **policy,
     ):
         """Generates a continuation of each prompt, with exits.
@@ -188,6 +171,9 @@ class AdaptiveLM:
                 the first of them. Rows also stop at the tokenizer's end-of-text id.
             seed: int, the sampling seed. Defaults to `0`.
             jit_compile: bool, TensorFlow: compile with XLA as well.
+            trace: bool, also record each token's confidence at every decision exit
+                and its top alternatives (`Generation.confidences`, `.alternatives`);
+                not for `speculative`. A separate compiled loop: time without it.
             **policy: `ExitPolicy` fields for this call: `criterion`, `threshold`,
                 `decision_layers`, `max_pending`, `patience`, `threshold_decay`.
 
@@ -196,6 +182,7 @@ class AdaptiveLM:
         """
         if mode not in (None, *MODES):
             raise ValueError(f"mode must be one of {MODES}; got {mode!r}.")
+        check_trace(trace, mode)
         if not isinstance(do_sample, bool):
             raise TypeError(f"do_sample must be a bool; got {do_sample!r}.")
         stops = [stop] if isinstance(stop, str) else list(stop or ())
@@ -230,6 +217,7 @@ class AdaptiveLM:
             # them reuses one trace.
             traced = dataclasses.replace(exit_policy, threshold=1.0)
             adapter = self.adapter_for(needed)
+            sampling["trace"] = TRACE_ALTERNATIVES if trace else 0
             key = (traced, max_new_tokens, jit_compile, tuple(sorted(sampling.items())))
             key += (adapter.max_length,)
             if key not in self._compiled:
@@ -240,7 +228,7 @@ class AdaptiveLM:
             runtime = (threshold, np.asarray(seed, "int32"))
         if len(self._compiled) > 64:  # many settings: keep memory bounded
             self._compiled = {key: self._compiled[key]}
-        token_ids, exit_layers = self._compiled[key](
+        token_ids, exit_layers, *details = self._compiled[key](
             prompt, mask if len(ids) > 1 else None, *runtime
         )
         results = [
@@ -249,6 +237,13 @@ class AdaptiveLM:
                 texts, ids, np.asarray(token_ids).tolist(), np.asarray(exit_layers).tolist()
             )
         ]
+        if details:
+            decisions = adapter.decision_layers(exit_policy)[:-1]
+            decisions = () if exit_policy.mode == "full" else decisions
+            results = [
+                with_trace(result, details[0], row, self.tokenizer, decisions)
+                for row, result in enumerate(results)
+            ]
         return results[0] if isinstance(prompts, str) else results
 
     def _compile(self, adapter, policy, max_new_tokens, jit_compile, sampling):

@@ -12,7 +12,8 @@ import dataclasses
 
 import numpy as np
 
-from toex_tf.api import MODES, Generation, default_policy
+from toex_tf.api import MODES, TRACE_ALTERNATIVES, check_trace, default_policy
+from toex_tf.generation import Generation, with_trace
 from toex_tf.inference.adapter import DecoderAdapter
 from toex_tf.inference.compiled import compile_function
 from toex_tf.inference.policy import ExitPolicy
@@ -89,6 +90,7 @@ class AdaptiveTranslator:
         draft_layer: int = 1,
         draft_length: int = 4,
         jit_compile: bool = False,
+        trace: bool = False,
         **policy,
     ):
         """Translates each source sentence, with decoder exits.
@@ -101,6 +103,8 @@ class AdaptiveTranslator:
                 (greedy, `draft_layer`, `draft_length`); None: the default policy's.
             do_sample, temperature, top_k, top_p, seed: sampling, as in `AdaptiveLM`.
             jit_compile: bool, TensorFlow: compile with XLA as well.
+            trace: bool, also record each token's confidences and top alternatives, as
+                in `AdaptiveLM.generate`.
             **policy: `ExitPolicy` fields for this call (`criterion`, `threshold`, ...).
 
         Returns:
@@ -109,6 +113,7 @@ class AdaptiveTranslator:
         """
         if mode not in (None, *MODES):
             raise ValueError(f"mode must be one of {MODES}; got {mode!r}.")
+        check_trace(trace, mode)
         if not isinstance(do_sample, bool):
             raise TypeError(f"do_sample must be a bool; got {do_sample!r}.")
         if max_new_tokens is None:
@@ -135,22 +140,29 @@ class AdaptiveTranslator:
                 "top_k": top_k,
                 "top_p": top_p,
                 "seed": seed,
+                "trace": TRACE_ALTERNATIVES if trace else 0,
             }
         key = (mode, max_new_tokens, jit_compile, tuple(sorted(options.items(), key=str)))
         if key not in self._compiled:
             if len(self._compiled) > 64:  # many settings: keep memory bounded
                 self._compiled.clear()
             self._compiled[key] = self._compile(max_new_tokens, jit_compile, options)
-        token_ids, exit_layers = self._compiled[key](source_ids, mask)
+        token_ids, exit_layers, *details = self._compiled[key](source_ids, mask)
         results = []
-        for text, row, layers in zip(
-            texts, np.asarray(token_ids).tolist(), np.asarray(exit_layers).tolist()
+        for index, (text, row, layers) in enumerate(
+            zip(texts, np.asarray(token_ids).tolist(), np.asarray(exit_layers).tolist())
         ):
             if eos in row:  # the stop token and after
                 cut = row.index(eos)
                 row, layers = row[:cut], layers[:cut]
             pieces = [self.tokenizer.decode([token]) for token in row]
-            results.append(Generation(text, self.tokenizer.decode(row), pieces, row, layers))
+            result = Generation(text, self.tokenizer.decode(row), pieces, row, layers)
+            if details:
+                policy = options["policy"]
+                decisions = self.adapter.decision_layers(policy)[:-1]
+                decisions = () if policy.mode == "full" else decisions
+                result = with_trace(result, details[0], index, self.tokenizer, decisions)
+            results.append(result)
         return results[0] if isinstance(sources, str) else results
 
     def _compile(self, max_new_tokens, jit_compile, options):

@@ -27,6 +27,7 @@ def generate(
     return_state: bool = False,
     padding_mask=None,
     new_token_limit=None,
+    trace: int = 0,
 ):
     """Generates up to `max_new_tokens` per row with one compiled-friendly loop.
 
@@ -52,10 +53,19 @@ def generate(
             after that many tokens (a serving graph's input; `max_new_tokens` then sizes
             the buffers). Later columns hold the stop fill and exit layer 0. Not checked
             here: the caller asserts its range (`toex_tf.export` does).
+        trace: int, 0 (the default) or the number of top alternatives to record: then
+            the result also holds what a report shows (see Returns). Full mode and the
+            default graph carry nothing extra.
 
     Returns:
         `(token_ids (batch, max_new_tokens), exit_layers (batch, max_new_tokens))`;
-        exit layers are 1-based, 0 after a row stopped.
+        exit layers are 1-based, 0 after a row stopped. With `trace`, a third element
+        (before the state dict of `return_state`): `{"confidences": (batch,
+        max_new_tokens, decisions)` float32, each decision exit's criterion value for
+        that token (NaN where it was not computed: a skipped segment, or the first
+        token, which the prompt's full-depth pass predicts), `"top_ids"` and
+        `"top_probs"`: `(batch, max_new_tokens, trace)`, the most likely tokens of the
+        logits each token was sampled from (the exit it took) and their probabilities}.
     """
     policy = policy or ExitPolicy()
     adapter.decision_layers(policy)  # checks the policy against the model
@@ -79,6 +89,28 @@ def generate(
     exits = ops.zeros((batch, max_new_tokens), "int32")
     finished = ops.zeros((batch,), "bool")
     last_exit = ops.full((batch,), adapter.num_layers, "int32")
+    decisions = len(adapter.decision_layers(policy)) - 1 if policy.mode != "full" else 0
+    traced = ()
+    if trace:
+        traced = (
+            ops.full((batch, max_new_tokens, decisions), float("nan"), "float32"),
+            ops.zeros((batch, max_new_tokens, trace), "int32"),
+            ops.zeros((batch, max_new_tokens, trace), "float32"),
+        )
+
+    def record(step, traced, logits, confidences=None):
+        """Writes column `step` of the trace: the top alternatives of `logits`, or
+        (with `confidences`) the decision exits' confidences."""
+        confidence_table, top_ids, top_probs = traced
+        column = ops.equal(ops.arange(max_new_tokens), step)[None, :, None]
+        if confidences is not None:
+            confidence_table = ops.where(column, confidences[:, None, :], confidence_table)
+            return confidence_table, top_ids, top_probs
+        probs = ops.softmax(ops.cast(logits, "float32"), axis=-1)
+        values, indices = ops.top_k(probs, trace)
+        top_ids = ops.where(column, ops.cast(indices, "int32")[:, None, :], top_ids)
+        top_probs = ops.where(column, values[:, None, :], top_probs)
+        return confidence_table, top_ids, top_probs
 
     def emit(step, tokens, exits, finished, logits, last_exit):
         """Samples the token of column `step` from `logits` and records it."""
@@ -93,14 +125,25 @@ def generate(
 
     # The loop runs one decode step per token but the last: the last token is sampled
     # after it, so no step computes logits that nobody reads.
-    def condition(step, tokens, exits, finished, logits, last_exit, caches, lazy, layers_run):
+    def condition(step, tokens, exits, finished, logits, last_exit, caches, lazy, layers_run, *_):
         return ops.logical_and(step < limit - 1, ops.logical_not(ops.all(finished)))
 
-    def body(step, tokens, exits, finished, logits, last_exit, caches, lazy, layers_run):
+    def body(step, tokens, exits, finished, logits, last_exit, caches, lazy, layers_run, *traced):
+        if traced:
+            traced = record(step, traced, logits)
         next_ids, tokens, exits, finished = emit(step, tokens, exits, finished, logits, last_exit)
-        logits, last_exit, caches, lazy, depth = decode_step(
-            adapter, policy, next_ids[:, None], prompt_length + step, caches, lazy, padding
+        logits, last_exit, caches, lazy, depth, *confidences = decode_step(
+            adapter,
+            policy,
+            next_ids[:, None],
+            prompt_length + step,
+            caches,
+            lazy,
+            padding,
+            trace=bool(traced) and decisions > 0,
         )
+        if confidences:
+            traced = record(step + 1, traced, None, confidences[0])
         layers_run = layers_run + depth
         return (
             step + 1,
@@ -112,18 +155,29 @@ def generate(
             tuple(caches),
             lazy,
             layers_run,
+            *traced,
         )
 
     limit = max_new_tokens if new_token_limit is None else ops.cast(new_token_limit, "int32")
     zero = ops.zeros((), "int32")
-    state = (zero, tokens, exits, finished, logits, last_exit, tuple(caches), lazy, zero)
+    state = (zero, tokens, exits, finished, logits, last_exit, tuple(caches), lazy, zero, *traced)
     state = ops.while_loop(condition, body, state)
     steps = state[0]
     _, tokens, exits, _ = emit(steps, state[1], state[2], state[3], state[4], state[5])
+    outputs = (tokens, exits)
+    if trace:
+        table, top_ids, top_probs = record(steps, state[9:], state[4])
+        after_steps = ops.arange(max_new_tokens, dtype="int32")[None, :, None] > steps
+        outputs += (
+            {
+                "confidences": table,
+                "top_ids": ops.where(after_steps, 0, top_ids),
+                "top_probs": ops.where(after_steps, 0.0, top_probs),
+            },
+        )
     # Columns after the last one sampled (all rows stopped early) hold the stop id.
     after = ops.arange(max_new_tokens, dtype="int32")[None, :] > steps
-    tokens = ops.where(after, fill, tokens)
-    exits = ops.where(after, 0, exits)
+    outputs = (ops.where(after, fill, tokens), ops.where(after, 0, exits), *outputs[2:])
     if return_state:
         extras = {
             "caches": list(state[6]),
@@ -132,5 +186,5 @@ def generate(
             "steps": steps,
             "layers_run": state[8],
         }
-        return tokens, exits, extras
-    return tokens, exits
+        return (*outputs, extras)
+    return outputs

@@ -56,6 +56,7 @@ def decode_step(
     caches,
     lazy=(),
     padding=None,
+    trace: bool = False,
 ):
     """One token per row through the layers, with exits.
 
@@ -71,11 +72,15 @@ def decode_step(
             max_pending, hidden)`, and per-layer fill pointers `(layers,)` (positions
             below `filled[l]` have exact K/V at layer `l`).
         padding: None, or `(key_mask, offsets)` of a left-padded batch (`padding_state`).
+        trace: bool, also return each decision exit's confidence (for reports; the
+            default graph carries nothing extra).
 
     Returns:
         `(logits (batch, vocab), exit_layer (batch,) int32, caches, lazy, depth)`: the
         logits of the exit each row took, its 1-based layer, the updated state, and how
         many layers this step ran (a lazy catch-up window counts as one pass per layer).
+        With `trace`, also `confidences (batch, decisions)` float32: the criterion's
+        value at each non-final decision exit, NaN where the segment was skipped.
     """
     hidden = adapter.embed(token_ids, position, padding)
     batch = ops.shape(hidden)[0]
@@ -106,6 +111,9 @@ def decode_step(
     if mode != "full" and policy.criterion in CHEAP_HEAD_CRITERIA:
         cheap_head = adapter.output_embedding.cheap_head(hidden.dtype)
     state = (hidden, {}, decided, exit_layer, chosen, lazy, memory)
+    decisions = len(ends) - 1
+    if trace:  # NaN until a decision exit computes its confidence
+        state += (ops.full((batch, decisions), float("nan"), "float32"),)
     start = 0
     for segment, end in enumerate(ends):
         layers = list(range(start, end))
@@ -115,7 +123,7 @@ def decode_step(
         state = (state[0], {index: caches[index] for index in layers}, *state[2:])
 
         def compute(state, segment=segment, layers=layers, block=block, end=end, chunk=False):
-            hidden, caches, decided, exit_layer, chosen, lazy, memory = state
+            hidden, caches, decided, exit_layer, chosen, lazy, memory, *traced = state
             if chunk:  # lazy: catch up the pending positions and this one in one window
                 # After the final segment no later layer reads the states buffer.
                 hidden, caches, lazy = lazy_chunk(
@@ -134,9 +142,9 @@ def decode_step(
             normed = block.exit_normed(hidden)
             if end == num_layers:
                 chosen = ops.where(decided[:, None, None], chosen, normed)
-                return hidden, caches, decided, exit_layer, chosen, lazy, memory
+                return hidden, caches, decided, exit_layer, chosen, lazy, memory, *traced
             if mode == "full":
-                return hidden, caches, decided, exit_layer, chosen, lazy, memory
+                return hidden, caches, decided, exit_layer, chosen, lazy, memory, *traced
             shared = cheap_head if block.output_embedding is adapter.output_embedding else None
             confidence, memory = exit_confidence(
                 policy, block, normed, hidden, memory, segment == 0, shared
@@ -145,15 +153,18 @@ def decode_step(
             chosen = ops.where(newly[:, None, None], normed, chosen)
             exit_layer = ops.where(newly, end, exit_layer)
             decided = ops.logical_or(decided, newly)
-            return hidden, caches, decided, exit_layer, chosen, lazy, memory
+            if traced:
+                column = ops.equal(ops.arange(decisions), segment)[None, :]
+                traced = [ops.where(column, ops.cast(confidence, "float32")[:, None], traced[0])]
+            return hidden, caches, decided, exit_layer, chosen, lazy, memory, *traced
 
         def skip(state, layers=layers):
-            hidden, caches, decided, exit_layer, chosen, lazy, memory = state
+            hidden, caches, decided, exit_layer, chosen, lazy, memory, *traced = state
             if mode == "frozen":
                 caches = propagate_kv(adapter, layers, hidden, caches, position)
             if mode == "lazy":  # the exit state: a later deep token catches it up from here
                 lazy = write_lazy_state(lazy, hidden, position)
-            return hidden, copy_caches(caches), decided, exit_layer, chosen, lazy, memory
+            return hidden, copy_caches(caches), decided, exit_layer, chosen, lazy, memory, *traced
 
         if segment > 0 and mode == "frozen":
             state = ops.cond(
@@ -176,7 +187,7 @@ def decode_step(
         for index in layers:
             caches[index] = state[1][index]
         start = end
-    hidden, _, decided, exit_layer, chosen, lazy, _ = state
+    hidden, _, decided, exit_layer, chosen, lazy, _, *traced = state
     logits = adapter.output_embedding(chosen, mode="logits")
     # Layers this step ran: skipping starts once the last row has exited (batch policy),
     # unless lazy mode had to go deep to bound the pending work.
@@ -188,4 +199,6 @@ def decode_step(
         # per step rather than one per segment.
         computed = ops.arange(num_layers, dtype="int32") < depth
         lazy = (lazy[0], ops.where(computed, ops.cast(position, "int32") + 1, lazy[1]))
+    if trace:
+        return logits[:, 0], exit_layer, caches, lazy, depth, traced[0]
     return logits[:, 0], exit_layer, caches, lazy, depth
