@@ -47,3 +47,44 @@ def write_corpus(directory, docs=40):
         with open(os.path.join(directory, f"doc{i}.txt"), "w") as f:
             f.write(" ".join(words).capitalize() + ".\n")
     return os.path.join(directory, "*.txt")
+
+
+def run_cli_on_terminal(*args, timeout=600):
+    """Runs the CLI with stdout and stderr on a pseudo-terminal (as a user at a terminal
+    sees it); returns `(returncode, output bytes)`."""
+    import pty  # noqa: PLC0415 - POSIX only
+    import select  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("TOEX_PROGRESS", None)
+    master, slave = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "toex_tf.run", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        close_fds=True,
+    )
+    os.close(slave)
+    output, deadline = b"", time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                output += chunk
+            elif process.poll() is not None:
+                break
+        else:
+            process.kill()
+            raise TimeoutError(f"toex_tf.run {args} ran past {timeout} s on the terminal")
+    finally:
+        os.close(master)
+    return process.wait(timeout=60), output

@@ -17,6 +17,9 @@ Modes (`--mode`), each for either family (`--model=gpt|llama`; `toex_tf/cli/<mod
     train_gates     learned exit gates on the frozen model
     export          a SavedModel whose signatures run the early-exit decode loop in the
                     graph (--export_dir), with `generate_text` when the tokenizer allows
+    report          an HTML page of which tokens exit where and why, across modes and
+                    settings (default: KL strengths 0.5-4 × unfrozen, frozen, lazy)
+                    → report.html and report.json
 
 `--init_from` names the model a run starts from or reads, for every family and mode: a
 run directory, a .keras file, a Hugging Face checkpoint directory or an hf://, kaggle://
@@ -45,6 +48,7 @@ COMMANDS = {
     "calibrate": "calibrate",
     "train_gates": "train_gates",
     "export": "export",
+    "report": "report",
 }
 
 

@@ -5,7 +5,9 @@ import json
 import os
 
 import pytest
-from cli_runner import TINY, run_cli, write_corpus
+from cli_runner import TINY, run_cli, run_cli_on_terminal, write_corpus
+
+from toex_tf.analysis.tf_summaries import threshold_step
 
 
 def test_train_and_eval_writes_model_results_and_logs(tmp_path):
@@ -42,6 +44,11 @@ def test_train_and_eval_writes_model_results_and_logs(tmp_path):
     )
     assert results["config"]["flags"]["train_steps"] == 6
     assert "criterion" in result.stdout and "full depth" in result.stdout
+    # Progress in a log: plain lines, no terminal redraws (Keras's bar would write one line
+    # of backspaces).
+    assert "[exit sweep] 8/8 (100%)" in result.stdout and "[training]" in result.stdout
+    assert "\x08" not in result.stdout and max(map(len, result.stdout.splitlines())) < 400
+    _check_sweep_events(out / "tensorboard", results)
     log = [json.loads(line) for line in (out / "config_log.jsonl").read_text().splitlines()]
     assert len(log) == 1 and log[0]["results"]["baseline"] == results["baseline"]
 
@@ -74,6 +81,80 @@ def test_train_and_eval_writes_model_results_and_logs(tmp_path):
     assert json.loads((out / "results.json").read_text())["baseline"] == results["baseline"]
     assert len((out / "config_log.jsonl").read_text().splitlines()) == 4
 
+    # At a terminal, the sweep and the calibration show Keras's progress bar.
+    code, output = run_cli_on_terminal(
+        *TINY, f"--dataset=text:{glob}", f"--output_dir={out}", "--mode=eval"
+    )
+    assert code == 0, output[-3000:]
+    assert b"8/8" in output and b"/exit sweep" in output and b"\r" in output
+    code, output = run_cli_on_terminal(
+        *TINY,
+        f"--dataset=text:{glob}",
+        f"--output_dir={out}",
+        "--mode=calibrate",
+        "--calibration_prompts=2",
+        "--prompt_length=4",
+        "--max_new_tokens=4",
+        "--calibration_thresholds=1.0,0.5,0.0",
+    )
+    assert code == 0, output[-3000:]
+    assert b"4/4" in output and b"/calibration" in output
+    quiet = _run(
+        *TINY, f"--dataset=text:{glob}", f"--output_dir={out}", "--mode=eval", "--verbosity=-2"
+    )
+    assert quiet.returncode == 0 and "[exit sweep]" not in quiet.stdout
+
+    # The HTML report, from the model, then again from its JSON alone.
+    report = _run(
+        *TINY,
+        f"--dataset=text:{glob}",
+        f"--output_dir={out}",
+        "--mode=report",
+        "--report_prompts=2",
+        "--prompt_length=4",
+        "--max_new_tokens=4",
+        "--report_kl_strengths=1,4",
+        "--report_timing_rounds=1",
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    record = json.loads((out / "report.json").read_text())
+    assert len(record["settings"]) == 1 + 3 * 2 and len(record["prompts"]) == 2
+    page = (out / "report.html").read_text()
+    assert page.count('class="tok"') == sum(len(run["tokens"]) for run in record["runs"]) > 0
+    assert "full depth" in report.stdout and "strength 4" in report.stdout
+    redrawn = _run(
+        f"--output_dir={tmp_path / 'redrawn'}",
+        "--mode=report",
+        f"--report_from={out / 'report.json'}",
+    )
+    assert redrawn.returncode == 0, redrawn.stderr[-3000:]
+    assert (tmp_path / "redrawn" / "report.html").read_text() == page
+
+
+def _check_sweep_events(log_dir, results):
+    """The sweep's scalars and exit-layer histograms are in TensorBoard's event files."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    for criterion in {row["criterion"] for row in results["sweeps"]}:
+        scalars, histograms = {}, set()
+        for name in os.listdir(log_dir / "sweep" / criterion):
+            for event in tf.compat.v1.train.summary_iterator(
+                str(log_dir / "sweep" / criterion / name)
+            ):
+                for value in event.summary.value:
+                    plugin = value.metadata.plugin_data.plugin_name
+                    if plugin == "histograms":
+                        histograms.add(event.step)
+                    elif value.tag.startswith("sweep/"):
+                        scalars[(value.tag, event.step)] = float(tf.make_ndarray(value.tensor))
+        rows = [row for row in results["sweeps"] if row["criterion"] == criterion]
+        assert histograms == {threshold_step(row["threshold"]) for row in rows}
+        for row in rows:
+            step = threshold_step(row["threshold"])
+            for name in ("perplexity", "savings", "avg_exit_layer"):
+                assert scalars[(f"sweep/{name}", step)] == pytest.approx(row[name], rel=1e-6)
+    assert os.listdir(log_dir / "sweep_hparams")
+
 
 @pytest.mark.parametrize(
     "args, message",
@@ -103,6 +184,12 @@ def test_train_and_eval_writes_model_results_and_logs(tmp_path):
         (["--decode_criterion=vibes"], "--decode_criterion"),
         (["--patience=0"], "--patience"),
         (["--threshold_decay=-1"], "--threshold_decay"),
+        (["--report_modes=lazy,warp"], "--report_modes must be a subset"),
+        (["--report_kl_strengths=1,0"], "--report_kl_strengths must be positive"),
+        (["--report_kl_base=1"], "--report_kl_base must be in (0, 1)"),
+        (["--report_thresholds=2"], "--report_thresholds must be numbers in [0, 1]"),
+        (["--mode=report"], "no model at"),
+        (["--mode=report", "--report_from=nowhere.json"], "do not exist"),
     ],
 )
 def test_bad_flags_fail_with_a_clear_message(tmp_path, args, message):

@@ -26,8 +26,12 @@ def collect_exit_statistics(
     batch_size: int = 16,
     criteria=CRITERIA,
     confidence_source: str = "cheap",
+    progress=None,
 ) -> dict:
     """Runs `model` over `(inputs, targets)` and gathers per-token, per-exit statistics.
+
+    `progress`: None, or `progress(done, total, note)` after each batch
+    (`toex_tf.progress.Progress`).
 
     Returns:
         dict with `log_prob` and `correct` `(tokens, exits)` arrays and `confidence`,
@@ -71,6 +75,9 @@ def collect_exit_statistics(
         correct.append(np.stack(exit_correct, axis=1))
         for criterion in criteria:
             confidence[criterion].append(np.stack(exit_conf[criterion], axis=1))
+        if progress is not None:
+            done = min(start + batch_size, len(inputs))
+            progress(done, len(inputs), f"{done} windows")
     return {
         "log_prob": np.concatenate(log_probs),
         "correct": np.concatenate(correct),

@@ -84,7 +84,8 @@ def _generate(lm, prompt, max_new_tokens, setting, trace, policy_options):
     options = {"trace": trace}
     if setting.mode not in ("full", "speculative"):
         options.update(policy_options, criterion=setting.criterion, threshold=setting.threshold)
-    return lm.generate(prompt, max_new_tokens, mode=setting.mode, **options)
+    # A list: one prompt of token ids would otherwise read as a batch of ids.
+    return lm.generate([prompt], max_new_tokens, mode=setting.mode, **options)[0]
 
 
 def run_stats(exit_layers, token_ids, reference_ids, num_layers: int) -> dict:

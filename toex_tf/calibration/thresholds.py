@@ -277,6 +277,7 @@ def calibrate_threshold(
     run_fn: Callable | None = None,
     stop_token_ids: Sequence[int] = (),
     batch_size: int | None = None,
+    progress: Callable | None = None,
 ) -> Calibration:
     """The cheapest exit threshold whose greedy output agrees with full depth.
 
@@ -308,6 +309,8 @@ def calibrate_threshold(
             `frozen` and `lazy` modes a layer is skipped only when every row of the
             batch has exited, so cost (and `frozen`'s tokens) depend on it: use the
             serving batch size.
+        progress: None, or `progress(done, total, note)` after full depth and after each
+            candidate threshold (`toex_tf.progress.Progress`).
 
     Returns:
         A `Calibration`.
@@ -371,9 +374,13 @@ def calibrate_threshold(
         return np.concatenate(tokens), avg_layers
 
     reference, _ = run_all(ExitPolicy("full"))
+    if progress is not None:
+        progress(1, len(candidates) + 1, "full depth")
     rows = []
-    for threshold in candidates:
+    for done, threshold in enumerate(candidates, 2):
         tokens, avg_layers = run_all(dataclasses.replace(policy, threshold=threshold))
+        if progress is not None:
+            progress(done, len(candidates) + 1, f"threshold {threshold:g}")
         agreement = agreement_with_reference(tokens, reference, stop_token_ids)
         rows.append(
             {"threshold": threshold, "agreement": float(agreement.mean()), "avg_layers": avg_layers}

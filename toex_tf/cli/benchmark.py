@@ -84,6 +84,9 @@ def run() -> dict:
     }
     path = os.path.join(FLAGS.output_dir, "benchmark.json")
     write_json(path, record)
+    from toex_tf.analysis.tf_summaries import log_benchmark  # noqa: PLC0415 - TensorFlow
+
+    log_benchmark(os.path.join(FLAGS.output_dir, "tensorboard"), rows)
     plot = plot_decode_speed(
         rows, os.path.join(FLAGS.output_dir, "benchmark.png"), title=f"Decode speed ({criterion})"
     )

@@ -16,8 +16,12 @@ from toex_tf.cli.flags import FLAGS, data_config, policy_options
 
 
 def run() -> dict:
-    from toex_tf.calibration.thresholds import calibrate_threshold  # noqa: PLC0415
+    from toex_tf.calibration.thresholds import (  # noqa: PLC0415
+        DEFAULT_THRESHOLDS,
+        calibrate_threshold,
+    )
     from toex_tf.inference import ExitPolicy, compiled_generate  # noqa: PLC0415
+    from toex_tf.progress import Progress  # noqa: PLC0415
 
     if FLAGS.model == "seq2seq":
         from toex_tf.cli import seq2seq  # noqa: PLC0415
@@ -53,6 +57,7 @@ def run() -> dict:
         run_fn=run_fn,
         stop_token_ids=stop,
         batch_size=FLAGS.calibration_batch_size,
+        progress=Progress(len(thresholds or DEFAULT_THRESHOLDS) + 1, "calibration"),
     )
     record = {
         "model": model_record(model),
@@ -69,6 +74,11 @@ def run() -> dict:
     }
     path = os.path.join(FLAGS.output_dir, "calibration.json")
     write_json(path, record)
+    from toex_tf.analysis.tf_summaries import log_calibration  # noqa: PLC0415 - TensorFlow
+
+    log_calibration(
+        os.path.join(FLAGS.output_dir, "tensorboard"), f"{mode}_{criterion}", calibration.rows
+    )
     print(f"{'threshold':>9} {'agreement':>9} {'layers':>7} {'p_value':>9}")
     for row in calibration.rows:
         p_value = "" if row["p_value"] is None else f"{row['p_value']:.3g}"

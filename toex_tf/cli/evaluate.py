@@ -53,6 +53,8 @@ def _exit_sweep(model, prepared) -> dict:
     evaluation = eval_config()
     inputs = prepared.val_inputs[: evaluation.windows]
     targets = prepared.val_targets[: evaluation.windows]
+    from toex_tf.progress import Progress  # noqa: PLC0415
+
     stats = collect_exit_statistics(
         model,
         inputs,
@@ -60,6 +62,7 @@ def _exit_sweep(model, prepared) -> dict:
         batch_size=FLAGS.batch_size,
         criteria=evaluation.criteria,
         confidence_source=evaluation.confidence_source,
+        progress=Progress(len(inputs), "exit sweep"),
     )
     # Average attention context of a token in a window of length T: (T + 1) / 2.
     cost_model = CostModel.for_model(
@@ -86,6 +89,9 @@ def _exit_sweep(model, prepared) -> dict:
     }
     path = os.path.join(FLAGS.output_dir, "results.json")
     write_json(path, results)
+    from toex_tf.analysis.tf_summaries import log_exit_sweep  # noqa: PLC0415 - TensorFlow
+
+    log_exit_sweep(os.path.join(FLAGS.output_dir, "tensorboard"), results, int(inputs.size))
     plot = plot_exit_curve(results, os.path.join(FLAGS.output_dir, "exit_curve.png"))
     print(format_table(results))
     print(f"Wrote {path} and {plot}.")

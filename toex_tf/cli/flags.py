@@ -32,6 +32,7 @@ MODES = [
     "calibrate",
     "train_gates",
     "export",
+    "report",
 ]
 flags.DEFINE_enum("mode", "train_and_eval", MODES, "What to run.")
 flags.DEFINE_string("output_dir", None, "Where the model, results and logs go.")
@@ -252,7 +253,29 @@ flags.DEFINE_list(
     "calibration_thresholds", [], "Candidate thresholds in [0, 1]; empty: 1.0, 0.95, ..., 0.0."
 )
 
+flags.DEFINE_list("report_modes", ["unfrozen", "frozen", "lazy"], "--mode=report: exit modes.")
+flags.DEFINE_list(
+    "report_criteria",
+    ["kl"],
+    "--mode=report: criteria; with only 'kl' and no --report_thresholds, the KL strengths.",
+)
+flags.DEFINE_list(
+    "report_kl_strengths",
+    ["0.5", "1", "2", "4"],
+    "--mode=report: seed 003's KL strengths; strength s runs kl at threshold base ** (1 / s).",
+)
+flags.DEFINE_float(
+    "report_kl_base", 0.5, "--mode=report: the kl threshold at strength 1, in (0, 1).", 0.0, 1.0
+)
+flags.DEFINE_list("report_thresholds", [], "--mode=report: thresholds (instead of strengths).")
+flags.DEFINE_integer("report_prompts", 4, "--mode=report: held-out prompts (without --prompt).", 1)
+flags.DEFINE_integer("report_timing_rounds", 3, "--mode=report: timed calls per setting.", 1)
+flags.DEFINE_string(
+    "report_from", None, "--mode=report: rebuild report.html from this report.json, no model."
+)
+
 BENCHMARK_MODES = ("unfrozen", "frozen", "lazy")
+REPORT_MODES = ("unfrozen", "frozen", "lazy", "speculative")
 
 
 @flags.validator("decision_layers", message="--decision_layers must be positive integers.")
@@ -269,6 +292,13 @@ def _check_criteria(values):
 def _check_thresholds(values):
     try:
         return bool(values) and all(0.0 <= float(value) <= 1.0 for value in values)
+    except ValueError:
+        return False
+
+
+def _positive_number(value) -> bool:
+    try:
+        return 0.0 < float(value) < float("inf")
     except ValueError:
         return False
 
@@ -308,6 +338,31 @@ flags.register_validator(
         for value in values
     ),
     message="--benchmark_speculative must be draft_layer:draft_length pairs, e.g. 1:4,2:4.",
+)
+flags.register_validator(
+    "report_modes",
+    lambda values: bool(values) and all(value in REPORT_MODES for value in values),
+    message=f"--report_modes must be a subset of {REPORT_MODES}.",
+)
+flags.register_validator(
+    "report_criteria",
+    lambda values: bool(values) and all(value in DECODE_CRITERIA for value in values),
+    message=f"--report_criteria must be a subset of {DECODE_CRITERIA}.",
+)
+flags.register_validator(
+    "report_thresholds",
+    _numbers_in_unit_interval,
+    message="--report_thresholds must be numbers in [0, 1].",
+)
+flags.register_validator(
+    "report_kl_strengths",
+    lambda values: bool(values) and all(_positive_number(value) for value in values),
+    message="--report_kl_strengths must be positive numbers, e.g. 0.5,1,2,4.",
+)
+flags.register_validator(
+    "report_kl_base",
+    lambda value: 0.0 < value < 1.0,
+    message="--report_kl_base must be in (0, 1).",
 )
 flags.register_validator(
     "target_agreement",

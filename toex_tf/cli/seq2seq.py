@@ -163,6 +163,7 @@ def calibrate() -> dict:
     from toex_tf.inference import DecoderAdapter, ExitPolicy  # noqa: PLC0415
     from toex_tf.inference.compiled import compile_function  # noqa: PLC0415
     from toex_tf.inference.translate import pad_sources, translate  # noqa: PLC0415
+    from toex_tf.progress import Progress  # noqa: PLC0415
 
     translator = load_run_model()
     model, tokenizer = translator.model, translator.tokenizer
@@ -225,6 +226,7 @@ def calibrate() -> dict:
         run_fn=run_fn,
         stop_token_ids=(eos,),
         batch_size=FLAGS.calibration_batch_size,
+        progress=Progress(len(FLAGS.calibration_thresholds) or 22, "calibration"),
     )
     references = [reference for _, reference in pairs]
 
