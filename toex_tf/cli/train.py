@@ -110,6 +110,7 @@ def _train_llama() -> dict:
         FLAGS.learning_rate,
         capacity_start=FLAGS.capacity_start,
         seed=FLAGS.seed,
+        checkpoint_every=FLAGS.checkpoint_every,
         compute_weight=FLAGS.compute_weight,
     )
     print(f"phase {phase}: {json.dumps({k: v for k, v in logs.items() if k != 'schedule'})}")

@@ -29,6 +29,7 @@ def run() -> dict:
             FLAGS.batch_size,
             FLAGS.learning_rate,
             seed=FLAGS.seed,
+            checkpoint_every=FLAGS.checkpoint_every,
             compute_weight=FLAGS.compute_weight,
         )
         report = {"logs": {k: v for k, v in logs.items() if k != "schedule"}}

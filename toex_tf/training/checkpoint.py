@@ -7,6 +7,9 @@ draw from them, so without them a resumed run diverges) and `state.json` with th
 and a SHA-256 of each file. It is written under a temporary name and renamed into
 place, so an interrupted save never replaces a good checkpoint with a broken one; a
 checkpoint whose files do not match their checksums is reported by name, never loaded.
+`state.json` can also hold the settings of the run that wrote it (`run_config`): a
+checkpoint of another run (another phase, model or schedule) is then refused by name
+rather than resumed into a run it does not belong to.
 """
 
 import hashlib
@@ -36,17 +39,34 @@ def rng_state_variables(model) -> list:
     return [v for v in model.variables if id(v) not in weight_ids]
 
 
+def _flatten(config: dict, prefix: str = "") -> dict:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`, so a mismatch names the nested key."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 class CheckpointManager:
     """Saves and restores (model, optimizer, step) in `directory`.
 
     Args:
         directory: str, where checkpoints live.
         max_to_keep: int, newest checkpoints kept. Defaults to `3`.
+        run_config: dict of JSON values or None: the settings that make a run (phase,
+            model config, schedule, ...). Written into every checkpoint; `restore`
+            refuses a checkpoint whose `run_config` differs and names the first
+            differing key. None (the default): not written, not checked.
     """
 
-    def __init__(self, directory: str, max_to_keep: int = 3):
+    def __init__(self, directory: str, max_to_keep: int = 3, run_config: dict | None = None):
         self.directory = directory
         self.max_to_keep = max_to_keep
+        # Compared after a JSON round trip, as it is read back (tuples become lists).
+        self.run_config = None if run_config is None else json.loads(json.dumps(run_config))
 
     def checkpoints(self) -> list[str]:
         """Complete checkpoint directories, oldest first."""
@@ -81,6 +101,8 @@ class CheckpointManager:
                 name: _sha256(os.path.join(tmp, name)) for name in (WEIGHTS_FILE, OPTIMIZER_FILE)
             },
         }
+        if self.run_config is not None:
+            state["run_config"] = self.run_config
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump(state, f)
         shutil.rmtree(final, ignore_errors=True)
@@ -112,6 +134,7 @@ class CheckpointManager:
             raise ValueError(
                 f"checkpoint state {state_path!r} is missing or corrupt: {error}"
             ) from error
+        self._check_run_config(path, state.get("run_config") or {})
         for name, expected in checksums.items():
             file_path = os.path.join(path, name)
             if not os.path.exists(file_path):
@@ -154,3 +177,47 @@ class CheckpointManager:
         for variable, value in zip(rng_variables, rng_states):
             variable.assign(value)
         return step
+
+    def _check_run_config(self, path: str, saved: dict) -> None:
+        if self.run_config is None:
+            return
+        expected, saved = _flatten(self.run_config), _flatten(saved)
+        for key in sorted(set(expected) | set(saved)):
+            if saved.get(key) != expected.get(key):
+                raise ValueError(
+                    f"checkpoint {path!r} belongs to another run: its {key} is "
+                    f"{saved.get(key)!r}; this run's is {expected.get(key)!r}. Rerun with the "
+                    f"same settings to resume, or use another output directory."
+                )
+
+
+class CheckpointEvery(keras.callbacks.Callback):
+    """Saves a checkpoint every `every` optimizer steps and at the end of each `fit`.
+
+    One instance can serve several `fit` calls (a Llama phase's capacity stages): it
+    counts the steps of all of them.
+
+    Args:
+        manager: the `CheckpointManager`.
+        model: what `manager` saves: the weights and random-generator states.
+        every: int, steps between checkpoints.
+        initial_step: int, the step training starts (or resumes) at.
+    """
+
+    def __init__(self, manager: CheckpointManager, model, every: int, initial_step: int):
+        super().__init__()
+        self.manager = manager
+        self.inner_model = model
+        self.every = every
+        self.step = initial_step
+        self.saved_step = initial_step
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step % self.every == 0:
+            self.manager.save(self.step, self.inner_model, self.model.optimizer)
+            self.saved_step = self.step
+
+    def on_train_end(self, logs=None):
+        if self.step != self.saved_step:
+            self.manager.save(self.step, self.inner_model, self.model.optimizer)

@@ -6,6 +6,7 @@ import os
 from toex_tf.calibration.routers import calibrate_routers
 from toex_tf.loaders import export_llama
 from toex_tf.models.saving import save_model_atomically
+from toex_tf.progress import fit_progress
 from toex_tf.training.llama_training import train_phase
 
 
@@ -20,15 +21,30 @@ def run_phase(
     capacity_start: float | None = 0.9,
     max_windows: int | None = None,
     seed: int = 0,
+    checkpoint_every: int = 100,
+    verbose: int | str = "auto",
+    callbacks=(),
     **loss_weights,
 ) -> dict:
     """Trains one phase of `model` and saves `output_dir/model.keras` (and, after the
     `base` phase, a Hugging Face checkpoint in `output_dir/hf` with the tokenizer).
 
+    Training checkpoints go to `output_dir/checkpoints/PHASE` and TensorBoard logs to
+    `output_dir/tensorboard/PHASE`; rerunning the same phase into the same `output_dir`
+    resumes from its latest checkpoint (`train_phase`).
+
     Args:
         model: a `HierarchicalLlama`.
         phase: `base`, `routers`, `exits` or `full` (`train_phase`).
         data: `toex_tf.data.prepared.PreparedData` (windows, tokenizer, token counts).
+        output_dir: str, where the model, checkpoints and TensorBoard logs go.
+        steps, batch_size, learning_rate, capacity_start, seed: `train_phase`'s.
+        max_windows: int or None, the training windows used (None: all).
+        checkpoint_every: int, steps between checkpoints. Defaults to `100`.
+        verbose: `fit` verbosity; `"auto"` (the default): `toex_tf.progress.fit_progress`
+            (Keras's bar on a terminal, a line every 30 s in a log, nothing when quiet).
+        callbacks: extra Keras callbacks, passed to every `fit`.
+        **loss_weights: `LlamaPhaseTrainer` loss weights.
 
     Returns:
         The phase's logs (`train_phase`).
@@ -36,6 +52,9 @@ def run_phase(
     inputs, targets = data.train_inputs, data.train_targets
     if max_windows:
         inputs, targets = inputs[:max_windows], targets[:max_windows]
+    if verbose == "auto":
+        verbose, progress = fit_progress(steps, f"phase {phase}")
+        callbacks = [*progress, *callbacks]
     logs = train_phase(
         model,
         inputs,
@@ -46,7 +65,10 @@ def run_phase(
         learning_rate=learning_rate,
         capacity_start=capacity_start,
         seed=seed,
-        verbose=2,
+        verbose=verbose,
+        output_dir=output_dir,
+        checkpoint_every=checkpoint_every,
+        callbacks=callbacks,
         **loss_weights,
     )
     if model.routers:

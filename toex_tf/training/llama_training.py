@@ -18,13 +18,23 @@ The loss of a phase, on next-token targets:
 
 The model is wrapped in `LlamaPhaseTrainer`, a `keras.Model` for `fit`; the wrapper is
 never saved: save `trainer.model`.
+
+With an `output_dir`, `train_phase` checkpoints and resumes exactly, as GPT training
+does (`toex_tf.training.tf_train`): the checkpoint holds the weights, the optimizer
+state (its step drives the learning-rate schedule) and the random-generator states (the
+Gumbel noise), and the batch order is a pure function of (seed, step), so a resumed
+phase ends with the same weights as one that was never interrupted.
 """
+
+import hashlib
+import os
 
 import keras
 import numpy as np
 from keras import ops
 
 from toex_tf.layers import SkipRouter
+from toex_tf.training.checkpoint import CheckpointEvery, CheckpointManager
 
 TRAIN_PHASES = ("base", "routers", "exits", "full")
 
@@ -127,9 +137,12 @@ class LlamaPhaseTrainer(keras.Model):
         self.compute_weight = float(compute_weight)
         self.seed_generator = keras.random.SeedGenerator(seed)
         model.set_phase(phase)
+        # No weights of its own: built with the model, so a checkpoint loads into it
+        # before the first step (`load_weights` refuses an unbuilt model).
+        self.built = model.built
         self.trackers = {
             name: keras.metrics.Mean(name=name)
-            for name in ("lm", "distill", "exit_distill", "avg_exit_layer", "router")
+            for name in ("lm", "distill", "exit_distill", "avg_exit_layer", "router", "capacity")
         }
 
     def call(self, inputs, training=None):
@@ -188,6 +201,8 @@ class LlamaPhaseTrainer(keras.Model):
                 exit_distill = ops.mean(ops.stack([kl(v) for v in log_probs[:-1]]))
                 total = total + self.exit_distill_weight * exit_distill
                 self.trackers["exit_distill"].update_state(exit_distill)
+        # The capacity stage of the schedule, logged beside the losses it shapes.
+        self.trackers["capacity"].update_state(model.routers[0].capacity if model.routers else 1.0)
         mean_depth = ops.mean(depth)
         self.trackers["avg_exit_layer"].update_state(mean_depth)
         if "gate_samples" in y_pred:
@@ -217,6 +232,58 @@ def warmup_cosine_adamw(steps: int, learning_rate: float):
     return keras.optimizers.AdamW(rate, weight_decay=0.0, clipnorm=1.0)
 
 
+class GlobalStepTensorBoard(keras.callbacks.TensorBoard):
+    """`keras.callbacks.TensorBoard` whose steps run on across `fit` calls and resumes.
+
+    Keras restarts its batch count at each `fit` and writes a `fit`'s epoch summaries at
+    epoch 0, so the capacity stages (one `fit` each) and a resumed run would overwrite
+    each other's points. Here batch summaries are at the global optimizer step, and
+    epoch summaries (one per stage, always written) at the step its stage ended.
+
+    Args:
+        log_dir: str, where the event files go (`train/` under it).
+        initial_step: int, the step training starts (or resumes) at.
+        **kwargs: `keras.callbacks.TensorBoard`'s (`update_freq`, ...).
+    """
+
+    def __init__(self, log_dir: str, initial_step: int = 0, **kwargs):
+        super().__init__(log_dir=log_dir, **kwargs)
+        self.step = initial_step
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        # Keras's batch count, which its `on_train_begin` has just reset to 0.
+        self._global_train_batch = self.step
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        self.step += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        # Keras leaves the last batch's every-`update_freq` condition in force here, which
+        # drops the epoch summaries of a stage not ending on a multiple of `update_freq`.
+        with self.summary.record_if(True):
+            super().on_epoch_end(self.step, logs)
+
+
+def _run_config(trainer, inputs, schedule, batch_size, learning_rate, seed) -> dict:
+    """What a phase's checkpoint must match to be resumed (`CheckpointManager`)."""
+    return {
+        "phase": trainer.phase,
+        "model_config": trainer.model.config.to_dict(),
+        "schedule": [[float(c), int(s)] for c, s in schedule],
+        "batch_size": int(batch_size),
+        "learning_rate": float(learning_rate),
+        "seed": int(seed),
+        "loss_weights": {
+            name: getattr(trainer, name)
+            for name in ("lm_weight", "distill_weight", "exit_distill_weight", "compute_weight")
+        },
+        "windows": list(inputs.shape),
+        "windows_sha256": hashlib.sha256(inputs.tobytes()).hexdigest(),
+    }
+
+
 def train_phase(
     model,
     inputs: np.ndarray,
@@ -228,13 +295,18 @@ def train_phase(
     capacity_start: float | None = None,
     seed: int = 0,
     verbose: int = 0,
+    output_dir: str | None = None,
+    checkpoint_every: int = 100,
+    callbacks=(),
     **trainer_kwargs,
 ) -> dict:
-    """Trains one phase with Keras `fit` (TensorFlow or JAX).
+    """Trains one phase with Keras `fit` (the model on TensorFlow or JAX; the input
+    pipeline is `tf.data`), with checkpoints, exact resume and TensorBoard.
 
     Args:
         model: a `HierarchicalLlama`.
-        inputs, targets: int `(n, seq)` next-token windows (`toex_tf.data.lm_windows`).
+        inputs, targets: int `(n, seq)` next-token windows (`toex_tf.data.lm_windows`),
+            `n >= batch_size`.
         phase: one of `TRAIN_PHASES`.
         steps: optimizer steps.
         batch_size, learning_rate: the optimizer's (AdamW, cosine decay after warm-up).
@@ -242,11 +314,22 @@ def train_phase(
             the model's capacity (`capacity_schedule`); None: no schedule.
         seed: shuffling and Gumbel seed.
         verbose: `fit` verbosity.
+        output_dir: str or None. Checkpoints go to `output_dir/checkpoints/PHASE` (every
+            `checkpoint_every` steps and at the end of each capacity stage), TensorBoard
+            logs (losses, metrics and capacity, every 10 steps) to
+            `output_dir/tensorboard/PHASE`. A checkpoint there is resumed; one written by
+            another run (phase, model config, schedule, data) is refused by name. None
+            (the default): neither.
+        checkpoint_every: int, steps between checkpoints. Defaults to `100`.
+        callbacks: extra Keras callbacks, passed to every `fit` (one per capacity stage).
         **trainer_kwargs: `LlamaPhaseTrainer` loss weights.
 
     Returns:
-        dict: the last logged value of every metric, plus `"schedule"`.
+        dict: the last logged value of every metric (none when a finished phase is
+        resumed), plus `"schedule"`.
     """
+    from toex_tf.data.tf_pipeline import make_lm_dataset  # noqa: PLC0415 - TensorFlow
+
     inputs = np.asarray(inputs, "int32")
     targets = np.asarray(targets, "int32")
     if inputs.shape != targets.shape or inputs.ndim != 2 or len(inputs) == 0:
@@ -257,26 +340,53 @@ def train_phase(
     vocab = model.config.vocab_size
     if inputs.min() < 0 or max(inputs.max(), targets.max()) >= vocab:
         raise ValueError(f"token ids must be in [0, {vocab}).")
+    if type(checkpoint_every) is not int or checkpoint_every < 1:  # not bool, not float
+        raise ValueError(f"checkpoint_every must be a positive int; got {checkpoint_every!r}.")
     target_capacity = model.config.capacity
     if phase in ("routers", "full") and capacity_start is not None:
         schedule = capacity_schedule(capacity_start, target_capacity, steps)
     else:
         schedule = [(target_capacity, steps)]
     trainer = LlamaPhaseTrainer(model, phase, seed=seed, **trainer_kwargs)
-    trainer.compile(optimizer=warmup_cosine_adamw(steps, learning_rate))
-    rng = np.random.default_rng(seed)
-    logs = {}
+    optimizer = warmup_cosine_adamw(steps, learning_rate)
+    trainer.compile(optimizer=optimizer)
+    optimizer.build(trainer.trainable_variables)
+    step, callbacks = 0, list(callbacks)
+    if output_dir is not None:
+        # The trainer, not only the model: it holds the Gumbel noise's seed generator.
+        manager = CheckpointManager(
+            os.path.join(output_dir, "checkpoints", phase),
+            run_config=_run_config(trainer, inputs, schedule, batch_size, learning_rate, seed),
+        )
+        latest = manager.latest()
+        if latest is not None:
+            step = manager.restore(trainer, optimizer, latest)
+            print(f"Resumed from {latest} at step {step}.")
+        log_dir = os.path.join(output_dir, "tensorboard", phase)
+        callbacks = [
+            CheckpointEvery(manager, trainer, checkpoint_every, step),
+            GlobalStepTensorBoard(log_dir, initial_step=step, update_freq=10),
+            *callbacks,
+        ]
+    logs, stage_end = {}, 0
     for capacity, stage_steps in schedule:
+        stage_start, stage_end = stage_end, stage_end + stage_steps
+        if stage_end <= step:  # done before the checkpoint
+            continue
         for router in model.routers:
             router.capacity = float(capacity)
         trainer.train_function = None  # the routed count is static: retrace
-        order = rng.integers(0, len(inputs), stage_steps * batch_size)
+        first = max(step, stage_start)
+        # Batch k of the phase is the same whether or not the run was resumed.
+        dataset = make_lm_dataset(
+            inputs, targets, batch_size, shuffle=True, seed=seed, repeat=True, skip_batches=first
+        )
         history = trainer.fit(
-            inputs[order],
-            targets[order],
-            batch_size=batch_size,
+            dataset,
             epochs=1,
-            shuffle=False,
+            steps_per_epoch=stage_end - first,
+            shuffle=False,  # the dataset is already shuffled, reproducibly
+            callbacks=callbacks,
             verbose=verbose,
         )
         logs = {k: float(v[-1]) for k, v in history.history.items()}

@@ -14,31 +14,10 @@ import numpy as np
 from toex_tf.config import GPTConfig, TrainConfig
 from toex_tf.data.tf_pipeline import make_lm_dataset
 from toex_tf.models.gpt import EarlyExitGPT
-from toex_tf.training.checkpoint import CheckpointManager
+from toex_tf.progress import fit_progress
+from toex_tf.training.checkpoint import CheckpointEvery, CheckpointManager
 from toex_tf.training.exit_loss import EarlyExitTrainer, exit_loss_weights
 from toex_tf.training.tf_distribute import make_strategy
-
-
-class CheckpointEvery(keras.callbacks.Callback):
-    """Saves a checkpoint every `every` optimizer steps and at the end of training."""
-
-    def __init__(self, manager: CheckpointManager, model, every: int, initial_step: int):
-        super().__init__()
-        self.manager = manager
-        self.inner_model = model
-        self.every = every
-        self.step = initial_step
-        self.saved_step = initial_step
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.step += 1
-        if self.step % self.every == 0:
-            self.manager.save(self.step, self.inner_model, self.model.optimizer)
-            self.saved_step = self.step
-
-    def on_train_end(self, logs=None):
-        if self.step != self.saved_step:
-            self.manager.save(self.step, self.inner_model, self.model.optimizer)
 
 
 def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
@@ -169,7 +148,8 @@ def fit_exit_model(
         output_dir: checkpoints go to `output_dir/checkpoints`, TensorBoard logs to
             `output_dir/tensorboard`. An existing checkpoint there is resumed.
         callbacks: extra Keras callbacks.
-        verbose: `fit` verbosity.
+        verbose: `fit` verbosity; `"auto"`: `toex_tf.progress.fit_progress` (Keras's
+            bar on a terminal, a line every 30 s in a log, nothing when quiet).
 
     Returns:
         The trained model.
@@ -200,11 +180,15 @@ def fit_exit_model(
         print(f"Resumed from {manager.latest()} at step {step}.")
     remaining = train_config.steps - step
     if remaining > 0:
+        progress = []
+        if verbose == "auto":  # Keras's bar on a terminal, short lines in a log
+            verbose, progress = fit_progress(remaining)
         all_callbacks = [
             CheckpointEvery(manager, model, train_config.checkpoint_every, step),
             keras.callbacks.TensorBoard(
                 log_dir=os.path.join(output_dir, "tensorboard"), update_freq=10
             ),
+            *progress,
             *callbacks,
         ]
         trainer.fit(
