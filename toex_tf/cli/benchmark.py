@@ -49,6 +49,16 @@ def run() -> dict:
     options = policy_options()
     policies = [ExitPolicy(mode, criterion, t, **options) for mode in modes for t in thresholds]
     prompts = {batch: held_out(lm.tokenizer, batch, prompt_length) for batch in batches}
+    from toex_tf.progress import Progress  # noqa: PLC0415
+
+    total = len(batches) * (len(policies) + len(speculative))
+    progress, logged = Progress(total, "benchmark"), []
+
+    def log(line):
+        print(line, flush=True)
+        logged.append(line)
+        progress.update(min(len(logged), total))
+
     rows = measure_decode_speed(
         model,
         prompts,
@@ -56,7 +66,7 @@ def run() -> dict:
         new_tokens,
         repeats=FLAGS.benchmark_repeats,
         speculative=speculative,
-        log=lambda line: print(line, flush=True),
+        log=log,
         jit_compile=FLAGS.decode_jit_compile,
         # A cache of the run's size (drafts need room), not the model's whole context.
         max_length=lm.adapter_for(

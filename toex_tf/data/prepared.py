@@ -38,9 +38,13 @@ def prepare_data(
             trained on the training split only and saved there, so a later run (resume,
             eval) reloads it and ids never shift.
     """
+    from toex_tf.progress import Progress  # noqa: PLC0415
+
+    progress = Progress(4, "data")
     documents = load_documents(
         data.dataset, data_dir=data.data_dir, tfds_text_key=data.tfds_text_key
     )
+    progress.update(1, f"{len(documents)} documents read")
     train_docs, val_docs = split_documents(documents, data.validation_fraction, seed=seed)
     tokenizer_dir = os.path.join(output_dir, "tokenizer")
     saved = os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json"))
@@ -52,8 +56,11 @@ def prepare_data(
     else:
         vocab_size = data.vocab_size if data.tokenizer == "sentencepiece" else None
         tokenizer = make_tokenizer(data.tokenizer, train_docs, vocab_size, tokenizer_dir)
+    progress.update(2, "tokenizer ready")
     train_stream = encode_documents(train_docs, tokenizer)
+    progress.update(3, "training split encoded")
     val_stream = encode_documents(val_docs, tokenizer)
+    progress.update(4, "held-out split encoded")
     train_inputs, train_targets = lm_windows(train_stream, seq_len)
     val_inputs, val_targets = lm_windows(val_stream, seq_len)
     print(

@@ -421,7 +421,13 @@ def write_out_once(archive, directory: str) -> None:
         return
     track()
     root = archive._tf_trackable
-    signatures = {name: getattr(root, name).get_concrete_function() for name in names}
+    from toex_tf.progress import Progress  # noqa: PLC0415
+
+    progress = Progress(len(names), "export tracing")
+    signatures = {}
+    for done, name in enumerate(names, 1):
+        signatures[name] = getattr(root, name).get_concrete_function()
+        progress.update(done, name)
     for name, concrete in signatures.items():
         # The object graph would trace a `tf.function` attribute again; its one trace
         # (a concrete function) is saved as is.
