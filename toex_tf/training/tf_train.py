@@ -17,6 +17,7 @@ from toex_tf.models.gpt import EarlyExitGPT
 from toex_tf.progress import fit_progress
 from toex_tf.training.checkpoint import CheckpointEvery, CheckpointManager
 from toex_tf.training.exit_loss import EarlyExitTrainer, exit_loss_weights
+from toex_tf.training.tensorboard import GlobalStepTensorBoard
 from toex_tf.training.tf_distribute import make_strategy
 
 
@@ -185,8 +186,9 @@ def fit_exit_model(
             verbose, progress = fit_progress(remaining)
         all_callbacks = [
             CheckpointEvery(manager, model, train_config.checkpoint_every, step),
-            keras.callbacks.TensorBoard(
-                log_dir=os.path.join(output_dir, "tensorboard"), update_freq=10
+            # Steps run on after a resume (Keras's own would restart at 0).
+            GlobalStepTensorBoard(
+                os.path.join(output_dir, "tensorboard"), initial_step=step, update_freq=10
             ),
             *progress,
             *callbacks,
