@@ -49,3 +49,11 @@ def test_notebook_runs_headless_in_tiny_mode(tmp_path, monkeypatch):
         if "image/png" in output.get("data", {})
     ]
     assert images  # the exit-curve plot was shown
+    pages = [
+        output["data"]["text/html"]
+        for cell in notebook.cells
+        for output in cell.get("outputs", [])
+        if "text/html" in output.get("data", {})
+    ]
+    assert any('class="tok"' in page and 'id="grid"' in page for page in pages)  # the report
+    assert os.path.exists(tmp_path / "out" / "report.json")

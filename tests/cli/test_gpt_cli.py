@@ -47,6 +47,7 @@ def test_train_and_eval_writes_model_results_and_logs(tmp_path):
     # Progress in a log: plain lines, no terminal redraws (Keras's bar would write one line
     # of backspaces).
     assert "[exit sweep] 8/8 (100%)" in result.stdout and "[training]" in result.stdout
+    assert "[data] 4/4 (100%), " in result.stdout
     assert "\x08" not in result.stdout and max(map(len, result.stdout.splitlines())) < 400
     _check_sweep_events(out / "tensorboard", results)
     log = [json.loads(line) for line in (out / "config_log.jsonl").read_text().splitlines()]
@@ -99,10 +100,6 @@ def test_train_and_eval_writes_model_results_and_logs(tmp_path):
     )
     assert code == 0, output[-3000:]
     assert b"4/4" in output and b"/calibration" in output
-    quiet = _run(
-        *TINY, f"--dataset=text:{glob}", f"--output_dir={out}", "--mode=eval", "--verbosity=-2"
-    )
-    assert quiet.returncode == 0 and "[exit sweep]" not in quiet.stdout
 
     # The HTML report, from the model, then again from its JSON alone.
     report = _run(
@@ -115,8 +112,10 @@ def test_train_and_eval_writes_model_results_and_logs(tmp_path):
         "--max_new_tokens=4",
         "--report_kl_strengths=1,4",
         "--report_timing_rounds=1",
+        "--verbosity=-2",  # errors only: no progress lines
     )
     assert report.returncode == 0, report.stderr[-3000:]
+    assert "[report]" not in report.stdout
     record = json.loads((out / "report.json").read_text())
     assert len(record["settings"]) == 1 + 3 * 2 and len(record["prompts"]) == 2
     page = (out / "report.html").read_text()

@@ -33,7 +33,6 @@ PROMPT = np.array([[5, 9, 3]], "int32")
         ("unfrozen", "max_prob", 0.17),
         ("frozen", "max_prob", 0.17),
         ("lazy", "kl", 0.94),
-        ("frozen", "margin", 0.02),
     ],
 )
 def test_trace_explains_each_exit_and_changes_nothing(adapter, mode, criterion, threshold):
