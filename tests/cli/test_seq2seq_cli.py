@@ -1,6 +1,7 @@
 """`--model=seq2seq` through the command line and `toex_tf.load`: train, eval, generate."""
 
 import json
+import os
 
 import numpy as np
 from cli_runner import run_cli
@@ -104,6 +105,24 @@ def test_translation_trains_evaluates_and_generates(tmp_path):
     assert record["settings"]["split"] == "validation"
     assert 0 < record["settings"]["num_sentences"] <= 5
     assert f"Chosen threshold: {record['calibration']['threshold']:g}" in calibrated.stdout
+    assert os.listdir(run_dir / "tensorboard" / "calibration" / "frozen_max_prob")
+    # --mode=report: test sources beside their references, tokens coloured by exit layer.
+    reported = run_cli(
+        *common,
+        "--mode=report",
+        "--report_prompts=2",
+        "--report_modes=frozen",
+        "--report_kl_strengths=1",
+        "--report_timing_rounds=1",
+        "--max_new_tokens=6",
+    )
+    assert reported.returncode == 0, reported.stderr[-3000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["kind"] == "translation" and len(report["prompts"]) == 2
+    assert all(prompt["reference"] for prompt in report["prompts"])
+    page = (run_dir / "report.html").read_text()
+    assert page.count("Reference: ") == 2 and "Source 1" in page
+    assert page.count('class="tok"') == sum(len(run["tokens"]) for run in report["runs"])
 
 
 def test_seq2seq_errors_are_one_line(tmp_path):

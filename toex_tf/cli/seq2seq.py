@@ -260,6 +260,11 @@ def calibrate() -> dict:
     }
     path = os.path.join(FLAGS.output_dir, "calibration.json")
     write_json(path, record)
+    from toex_tf.analysis.tf_summaries import log_calibration  # noqa: PLC0415 - TensorFlow
+
+    log_calibration(
+        os.path.join(FLAGS.output_dir, "tensorboard"), f"{mode}_{criterion}", calibration.rows
+    )
     print(f"{'threshold':>9} {'agreement':>9} {'layers':>7} {'BLEU':>6} {'chrF':>6}")
     for row in calibration.rows:
         print(
