@@ -15,7 +15,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
+
+# TensorFlow only when Keras runs on it: the strict-skip test's child suites run this file
+# on the light numpy backend, and importing TensorFlow costs each process seconds.
+tf = None
+if keras.backend.backend() == "tensorflow":
+    import tensorflow as tf  # noqa: E402
 
 FAIL_ON_SKIP_VARIABLE = "TOEX_FAIL_ON_SKIP"
 # Skips that CI accepts; a reason containing one of these stays a skip. None so far.
@@ -27,7 +32,8 @@ SEED = 1234
 
 @pytest.fixture(scope="session", autouse=True)
 def _tensorflow_seed():
-    tf.random.set_seed(SEED)
+    if tf is not None:
+        tf.random.set_seed(SEED)
 
 
 @pytest.fixture(autouse=True)
@@ -38,6 +44,9 @@ def _seed():
     decode loop) was instantiated and optimised again, about 5 s, in every test. toex_tf
     draws random numbers through Keras's stateless ops, which TF's global seed does not
     affect; it is set once per session (`_tensorflow_seed`)."""
+    if tf is None:
+        keras.utils.set_random_seed(SEED)
+        return
     with mock.patch.object(tf.random, "set_seed", lambda seed: None):
         keras.utils.set_random_seed(SEED)
 

@@ -56,10 +56,11 @@ def _css_colour(rgb) -> str:
 
 
 def _shown(piece: str) -> str:
-    """A token's visible text: whitespace-only pieces get a visible mark."""
+    """A token's visible text: an empty piece shows as ∅, a newline as ↵ (without
+    breaking the line: a model that repeats newlines would stretch the map)."""
     if piece == "":
         return "\u2205"
-    return piece.replace("\n", "\u21b5\n")
+    return piece.replace("\n", "\u21b5").replace("\t", "\u21e5")
 
 
 def _histogram_svg(histogram, num_layers: int, title: str) -> str:

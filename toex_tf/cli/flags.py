@@ -265,7 +265,7 @@ flags.DEFINE_list(
     "--mode=report: seed 003's KL strengths; strength s runs kl at threshold base ** (1 / s).",
 )
 flags.DEFINE_float(
-    "report_kl_base", 0.5, "--mode=report: the kl threshold at strength 1, in (0, 1).", 0.0, 1.0
+    "report_kl_base", 0.99, "--mode=report: the kl threshold at strength 1, in (0, 1).", 0.0, 1.0
 )
 flags.DEFINE_list("report_thresholds", [], "--mode=report: thresholds (instead of strengths).")
 flags.DEFINE_integer("report_prompts", 4, "--mode=report: held-out prompts (without --prompt).", 1)

@@ -111,9 +111,9 @@ def _sweep(thresholds, pairs, output_name: str, trained_here: bool = False) -> d
         for setting in settings
     ]
 
-    def progress(done, total, label):
-        print(f"  [{done}/{total}] {label}", flush=True)
+    from toex_tf.progress import Progress  # noqa: PLC0415
 
+    progress = Progress(len(settings) + 1, "translation sweep")
     results = evaluate_translation(
         translator.model,
         translator.tokenizer,
