@@ -25,7 +25,7 @@ from toex_tf.analysis.report import (
 from toex_tf.analysis.report_html import layer_colour, render_report, write_report
 from toex_tf.api import AdaptiveLM
 from toex_tf.data.tokenizers import ByteTokenizer
-from toex_tf.models import build_gpt
+from toex_tf.models import build_gpt, build_llama
 
 NUM_LAYERS = 4
 NEW_TOKENS = 8
@@ -121,6 +121,18 @@ def test_bad_report_arguments_are_named():
         layer_colour(5, 4)
     with pytest.raises(ValueError, match="prompts is empty"):
         collect_report(None, [], [ReportSetting("frozen", "kl", 0.5)])
+
+
+def test_a_llama_report_too():
+    """Any family: the report reads only the `AdaptiveLM` interface."""
+    model = build_llama("llama-tiny", vocab_size=260, capacity=1.0)
+    lm = AdaptiveLM(model, ByteTokenizer())
+    setting = ReportSetting("frozen", "max_prob", 0.0)  # every token leaves at layer 1
+    results = collect_report(lm, ["Hi"], [setting], max_new_tokens=4, timing_rounds=1)
+    frozen = results["runs"][1]
+    assert [token["exit_layer"] for token in frozen["tokens"]] == [2, 1, 1, 1]
+    assert frozen["decision_layers"] == [1] and results["model"]["name"] == "HierarchicalLlama"
+    assert render_report(results).count('class="tok"') == 8
 
 
 def test_page_is_self_contained_and_escapes_text(results):

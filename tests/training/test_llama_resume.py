@@ -57,8 +57,8 @@ def _model(**overrides):
     return build_llama("llama-tiny", **{**config, "exit_layers": (1,), **overrides})
 
 
-def _train(model, output_dir, phase="full", steps=STEPS, **kwargs):
-    inputs, targets = _data()
+def _train(model, output_dir, phase="full", steps=STEPS, data_seed=0, **kwargs):
+    inputs, targets = _data(seed=data_seed)
     # `full`: routers with a capacity schedule and Gumbel-sampled exit gates.
     return train_phase(
         model,
@@ -171,17 +171,7 @@ def test_checkpoint_of_another_run_is_refused_by_name(runs, tmp_path):
     with pytest.raises(ValueError, match=r"its schedule is"):
         _train(_model(), output_dir, steps=24)
     with pytest.raises(ValueError, match=r"its windows_sha256 is"):
-        train_phase(
-            _model(),
-            *_data(seed=1),
-            "full",
-            STEPS,
-            batch_size=4,
-            learning_rate=1e-2,
-            capacity_start=0.9,
-            seed=3,
-            output_dir=str(output_dir),
-        )
+        _train(_model(), output_dir, data_seed=1)
     # A `full` checkpoint put where the `routers` phase looks is refused, not resumed.
     shutil.copytree(output_dir / "checkpoints" / "full", output_dir / "checkpoints" / "routers")
     with pytest.raises(ValueError, match=r"its phase is 'full'; this run's is 'routers'"):

@@ -296,6 +296,15 @@ def _check_thresholds(values):
         return False
 
 
+def _register_subset(name: str, allowed) -> None:
+    """`--name` must be a non-empty list of values from `allowed`."""
+    flags.register_validator(
+        name,
+        lambda values: bool(values) and all(value in allowed for value in values),
+        message=f"--{name} must be a subset of {allowed}.",
+    )
+
+
 def _positive_number(value) -> bool:
     try:
         return 0.0 < float(value) < float("inf")
@@ -320,11 +329,7 @@ flags.register_validator(
     _numbers_in_unit_interval,
     message="--calibration_thresholds must be numbers in [0, 1].",
 )
-flags.register_validator(
-    "benchmark_modes",
-    lambda values: bool(values) and all(value in BENCHMARK_MODES for value in values),
-    message=f"--benchmark_modes must be a subset of {BENCHMARK_MODES}.",
-)
+_register_subset("benchmark_modes", BENCHMARK_MODES)
 flags.register_validator(
     "benchmark_batches",
     lambda values: bool(values) and all(value.isdigit() and int(value) > 0 for value in values),
@@ -339,16 +344,8 @@ flags.register_validator(
     ),
     message="--benchmark_speculative must be draft_layer:draft_length pairs, e.g. 1:4,2:4.",
 )
-flags.register_validator(
-    "report_modes",
-    lambda values: bool(values) and all(value in REPORT_MODES for value in values),
-    message=f"--report_modes must be a subset of {REPORT_MODES}.",
-)
-flags.register_validator(
-    "report_criteria",
-    lambda values: bool(values) and all(value in DECODE_CRITERIA for value in values),
-    message=f"--report_criteria must be a subset of {DECODE_CRITERIA}.",
-)
+_register_subset("report_modes", REPORT_MODES)
+_register_subset("report_criteria", DECODE_CRITERIA)
 flags.register_validator(
     "report_thresholds",
     _numbers_in_unit_interval,
