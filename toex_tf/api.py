@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from toex_tf.data.continuation import decode_continuation
-from toex_tf.generation import Generation, with_trace
+from toex_tf.generation import Generation, traced_decision_layers, with_trace
 from toex_tf.inference.adapter import DecoderAdapter
 from toex_tf.inference.compiled import compile_function, compiled_speculative
 from toex_tf.inference.loop import generate
@@ -238,8 +238,7 @@ class AdaptiveLM:
             )
         ]
         if details:
-            decisions = adapter.decision_layers(exit_policy)[:-1]
-            decisions = () if exit_policy.mode == "full" else decisions
+            decisions = traced_decision_layers(adapter, exit_policy)
             results = [
                 with_trace(result, details[0], row, self.tokenizer, decisions)
                 for row, result in enumerate(results)

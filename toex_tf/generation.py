@@ -69,6 +69,12 @@ def token_piece(tokenizer, token_id: int) -> str:
     return to_piece(int(token_id)) if to_piece else tokenizer.decode([int(token_id)])
 
 
+def traced_decision_layers(adapter, policy) -> tuple:
+    """The layers a traced generation under `policy` decided at: the non-final decision
+    exits, none at full depth."""
+    return () if policy.mode == "full" else tuple(adapter.decision_layers(policy)[:-1])
+
+
 def with_trace(generation: Generation, trace: dict, row: int, tokenizer, decision_layers):
     """`generation` plus row `row` of a decode trace (`generate(..., trace=k)`), cut to
     the generation's tokens."""

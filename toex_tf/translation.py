@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 
 from toex_tf.api import MODES, TRACE_ALTERNATIVES, check_trace, default_policy
-from toex_tf.generation import Generation, with_trace
+from toex_tf.generation import Generation, traced_decision_layers, with_trace
 from toex_tf.inference.adapter import DecoderAdapter
 from toex_tf.inference.compiled import compile_function
 from toex_tf.inference.policy import ExitPolicy
@@ -148,6 +148,8 @@ class AdaptiveTranslator:
                 self._compiled.clear()
             self._compiled[key] = self._compile(max_new_tokens, jit_compile, options)
         token_ids, exit_layers, *details = self._compiled[key](source_ids, mask)
+        if details:
+            decisions = traced_decision_layers(self.adapter, options["policy"])
         results = []
         for index, (text, row, layers) in enumerate(
             zip(texts, np.asarray(token_ids).tolist(), np.asarray(exit_layers).tolist())
@@ -158,9 +160,6 @@ class AdaptiveTranslator:
             pieces = [self.tokenizer.decode([token]) for token in row]
             result = Generation(text, self.tokenizer.decode(row), pieces, row, layers)
             if details:
-                policy = options["policy"]
-                decisions = self.adapter.decision_layers(policy)[:-1]
-                decisions = () if policy.mode == "full" else decisions
                 result = with_trace(result, details[0], index, self.tokenizer, decisions)
             results.append(result)
         return results[0] if isinstance(sources, str) else results

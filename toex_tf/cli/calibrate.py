@@ -72,20 +72,8 @@ def run() -> dict:
         },
         "calibration": calibration.to_dict(),
     }
-    path = os.path.join(FLAGS.output_dir, "calibration.json")
-    write_json(path, record)
-    from toex_tf.analysis.tf_summaries import log_calibration  # noqa: PLC0415 - TensorFlow
-
-    log_calibration(
-        os.path.join(FLAGS.output_dir, "tensorboard"), f"{mode}_{criterion}", calibration.rows
-    )
-    print(f"{'threshold':>9} {'agreement':>9} {'layers':>7} {'p_value':>9}")
-    for row in calibration.rows:
-        p_value = "" if row["p_value"] is None else f"{row['p_value']:.3g}"
-        print(
-            f"{row['threshold']:>9g} {row['agreement']:>9.3f} {row['avg_layers']:>7.2f} "
-            f"{p_value:>9}"
-        )
+    p_value = ("p_value", lambda row: "" if row["p_value"] is None else f"{row['p_value']:.3g}")
+    path = write_calibration(record, calibration, f"{mode}_{criterion}", [p_value])
     guarantee = {True: ", certified", False: ", NOT certified", None: ""}[calibration.guaranteed]
     print(
         f"Chosen threshold: {calibration.threshold:g} ({mode}/{criterion}, "
@@ -96,3 +84,20 @@ def run() -> dict:
     print(f"Wrote {path}.")
     append_to_config_log(calibration=record["calibration"])
     return record
+
+
+def write_calibration(record: dict, calibration, run_name: str, columns=()) -> str:
+    """Writes OUTPUT_DIR/calibration.json and the curve to TensorBoard
+    (`calibration/<run_name>`), and prints the curve: threshold, agreement, layers, then
+    `columns`, `(header, row -> text)` pairs. Returns the JSON's path."""
+    from toex_tf.analysis.tf_summaries import log_calibration  # noqa: PLC0415 - TensorFlow
+
+    path = os.path.join(FLAGS.output_dir, "calibration.json")
+    write_json(path, record)
+    log_calibration(os.path.join(FLAGS.output_dir, "tensorboard"), run_name, calibration.rows)
+    headers = "".join(f" {header:>9}" for header, _ in columns)
+    print(f"{'threshold':>9} {'agreement':>9} {'layers':>7}{headers}")
+    for row in calibration.rows:
+        cells = "".join(f" {text(row):>9}" for _, text in columns)
+        print(f"{row['threshold']:>9g} {row['agreement']:>9.3f} {row['avg_layers']:>7.2f}{cells}")
+    return path

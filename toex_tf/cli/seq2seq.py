@@ -258,19 +258,13 @@ def calibrate() -> dict:
         "full_depth": {"bleu": full_bleu, "chrf": full_chrf},
         "calibration": calibration.to_dict(),
     }
-    path = os.path.join(FLAGS.output_dir, "calibration.json")
-    write_json(path, record)
-    from toex_tf.analysis.tf_summaries import log_calibration  # noqa: PLC0415 - TensorFlow
+    from toex_tf.cli.calibrate import write_calibration  # noqa: PLC0415
 
-    log_calibration(
-        os.path.join(FLAGS.output_dir, "tensorboard"), f"{mode}_{criterion}", calibration.rows
-    )
-    print(f"{'threshold':>9} {'agreement':>9} {'layers':>7} {'BLEU':>6} {'chrF':>6}")
-    for row in calibration.rows:
-        print(
-            f"{row['threshold']:>9g} {row['agreement']:>9.3f} {row['avg_layers']:>7.2f} "
-            f"{row['bleu']:>6.2f} {row['chrf']:>6.2f}"
-        )
+    columns = [
+        ("BLEU", lambda row: f"{row['bleu']:.2f}"),
+        ("chrF", lambda row: f"{row['chrf']:.2f}"),
+    ]
+    path = write_calibration(record, calibration, f"{mode}_{criterion}", columns)
     chosen = next(r for r in calibration.rows if r["threshold"] == calibration.threshold)
     print(
         f"Chosen threshold: {calibration.threshold:g} ({mode}/{criterion}, "

@@ -68,7 +68,7 @@ def generate(
         logits each token was sampled from (the exit it took) and their probabilities}.
     """
     policy = policy or ExitPolicy()
-    adapter.decision_layers(policy)  # checks the policy against the model
+    ends = adapter.decision_layers(policy)  # also checks the policy against the model
     prompt = validate_generation(
         adapter, prompt, max_new_tokens, sampling, temperature, top_k, top_p, padding_mask
     )
@@ -89,7 +89,7 @@ def generate(
     exits = ops.zeros((batch, max_new_tokens), "int32")
     finished = ops.zeros((batch,), "bool")
     last_exit = ops.full((batch,), adapter.num_layers, "int32")
-    decisions = len(adapter.decision_layers(policy)) - 1 if policy.mode != "full" else 0
+    decisions = len(ends) - 1 if policy.mode != "full" else 0  # the trace's columns
     traced = ()
     if trace:
         traced = (
