@@ -6,6 +6,9 @@ in `model.safetensors.index.json`), in bf16, fp16 or fp32, plus an optional toke
 (`toex_tf.loaders.handles`). Every weight goes through one
 mapping table with a shape check; missing or unexpected keys, shape mismatches,
 truncated files and an unknown `model_type` raise errors that name the key or the file.
+The checks read the safetensors headers only; then the tensors are read, cast and
+assigned one at a time (`SafetensorsTensors`), so loading needs about the model's own
+memory plus its largest tensor, not twice the model.
 
 `export_llama` writes the base of a `HierarchicalLlama` back in the same layout, so a
 model pretrained here is a checkpoint like any other (and `transformers` reads it).
@@ -22,10 +25,12 @@ import numpy as np
 from toex_tf.config import LlamaConfig
 from toex_tf.layers import SkipRouter
 from toex_tf.loaders.handles import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, resolve_handle
-
-INDEX_FILE = "model.safetensors.index.json"
-# Buffers some checkpoints carry that hold no weights (recomputed from the config).
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+from toex_tf.loaders.safetensors_file import (  # noqa: F401 - INDEX_FILE is re-exported
+    IGNORED_SUFFIXES,
+    INDEX_FILE,
+    SafetensorsTensors,
+    read_safetensors,
+)
 
 
 def read_hf_config(directory: str) -> dict:
@@ -134,54 +139,6 @@ def hf_config_from_llama(config: LlamaConfig, dtype: str = "float32") -> dict:
     }
 
 
-def _weight_files(directory: str) -> list[str]:
-    index = os.path.join(directory, INDEX_FILE)
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {error}") from error
-        files = sorted(set(weight_map.values()))
-    elif os.path.isfile(os.path.join(directory, WEIGHTS_FILE)):
-        files = [WEIGHTS_FILE]
-    else:
-        raise CheckpointError(
-            f"{directory} has neither {WEIGHTS_FILE} nor {INDEX_FILE} (only safetensors "
-            f"checkpoints are read)."
-        )
-    paths = [os.path.join(directory, name) for name in files]
-    for path in paths:
-        if not os.path.isfile(path):
-            raise CheckpointError(f"weight file {path} (listed in {INDEX_FILE}) is missing.")
-    return paths
-
-
-def read_safetensors(directory: str) -> dict:
-    """Every tensor of the checkpoint in `directory` as NumPy arrays, by key.
-
-    bf16 tensors come back as `ml_dtypes.bfloat16` arrays.
-    """
-    from safetensors import safe_open  # noqa: PLC0415 - a heavy import, only for loading
-
-    tensors = {}
-    for path in _weight_files(directory):
-        try:
-            with safe_open(path, framework="numpy") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    if key in tensors:
-                        raise CheckpointError(f"key {key!r} appears in two shards ({path}).")
-                    tensors[key] = f.get_tensor(key)
-        except CheckpointError:
-            raise
-        except Exception as error:  # noqa: BLE001 - safetensors raises its own types
-            raise CheckpointError(
-                f"cannot read {path} (truncated or corrupt safetensors file?): "
-                f"{type(error).__name__}: {error}"
-            ) from error
-    return tensors
-
-
 class WeightSlot(NamedTuple):
     """Where one Hugging Face tensor goes: `variable`, transposed or not, and with `rows`
     `(start, stop)` only that block of the variable's output units (a fused `qkv`
@@ -256,7 +213,8 @@ def weight_table(model) -> list[WeightSlot]:
 
 
 def _shape(tensors, key: str) -> tuple:
-    # A lazy mapping (`GGUFTensors`) gives shapes from its header without reading data.
+    # A lazy mapping (`SafetensorsTensors`, `GGUFTensors`) gives shapes from its header
+    # without reading data.
     shape = getattr(tensors, "shape", None)
     return tuple(shape(key)) if callable(shape) else tuple(np.shape(tensors[key]))
 
@@ -265,8 +223,11 @@ def assign_hf_weights(model, tensors, source: str = "checkpoint") -> None:
     """Assigns Hugging Face Llama `tensors` to `model`'s base, checking every key and shape.
 
     `tensors` is a mapping from Hugging Face keys to arrays: a dict, or a lazy mapping
-    with a `shape(key)` method (`toex_tf.loaders.gguf_file.GGUFTensors`) whose values
-    are read one at a time, as they are assigned.
+    with a `shape(key)` method (`SafetensorsTensors`,
+    `toex_tf.loaders.gguf_file.GGUFTensors`) whose values are read one at a time, as
+    they are assigned, each once. Every key and shape is checked first (from the
+    headers, for a lazy mapping): nothing is read or assigned unless all fit. Each
+    tensor is cast to its variable's dtype as it is assigned.
 
     The non-final exits' norms start as copies of the final norm (`model.norm`); routers
     and gates keep their fresh initialisation (they are trained on the frozen base).
@@ -276,6 +237,7 @@ def assign_hf_weights(model, tensors, source: str = "checkpoint") -> None:
     """
     table = weight_table(model)
     named = getattr(tensors, "gguf_name", lambda key: key)  # GGUF files name their own
+    file_of = getattr(tensors, "file", None)  # a lazy mapping names each key's file
     expected = {slot.key for slot in table}
     present = {key for key in tensors if not key.endswith(IGNORED_SUFFIXES)}
     if model.config.tie_embeddings:
@@ -297,29 +259,37 @@ def assign_hf_weights(model, tensors, source: str = "checkpoint") -> None:
         value_shape = _shape(tensors, slot.key)
         if (value_shape[::-1] if slot.transpose else value_shape) != target_shape:
             wanted = target_shape[::-1] if slot.transpose else target_shape
+            where = f" (in {file_of(slot.key)})" if file_of else ""
             raise CheckpointError(
-                f"{source}: weight {named(slot.key)!r} has shape {value_shape}; the config "
-                f"expects {wanted}."
+                f"{source}: weight {named(slot.key)!r}{where} has shape {value_shape}; the "
+                f"config expects {wanted}."
             )
+    # Then one tensor at a time, each read once and dropped before the next is read: with
+    # a lazy mapping, peak memory is the model plus about one tensor.
+    final_norm = None  # kept (one vector): the non-final exits' norms start from it
     fused = {}  # id(variable) -> its row-block slots: filled into one array, then assigned
     for slot in table:
         if slot.rows is not None:
             fused.setdefault(id(slot.variable), []).append(slot)
             continue
         value = np.asarray(tensors[slot.key])
+        if slot.key == "model.norm.weight":
+            final_norm = value.astype("float32")
         dtype = keras.backend.standardize_dtype(slot.variable.dtype)
         slot.variable.assign((value.T if slot.transpose else value).astype(dtype, copy=False))
+        del value
     for slots in fused.values():  # one variable at a time: peak memory is one kernel
         variable = slots[0].variable
         whole = np.empty(tuple(variable.shape), keras.backend.standardize_dtype(variable.dtype))
         for slot in slots:
             value = np.asarray(tensors[slot.key])
             whole[slot.region()] = value.T if slot.transpose else value
+            del value
         variable.assign(whole)
-    final_norm = tensors["model.norm.weight"]  # read once: a lazy mapping dequantizes
+        del whole
     for block in model.blocks[:-1]:
         if block.exit_norm is not None:
-            block.exit_norm.scale.assign(np.asarray(final_norm).astype("float32"))
+            block.exit_norm.scale.assign(final_norm)
 
 
 def load_llama(
@@ -363,7 +333,7 @@ def load_llama(
         capacity=capacity,
         **overrides,
     )
-    tensors = read_safetensors(directory)
+    tensors = SafetensorsTensors(directory)  # headers only: tensors are read as assigned
     model = build_llama(config, dtype=dtype)
     assign_hf_weights(model, tensors, source=directory)
     model.tokenizer = load_llama_tokenizer(directory) if load_tokenizer else None
