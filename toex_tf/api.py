@@ -15,27 +15,27 @@ import os
 import numpy as np
 
 from toex_tf.data.continuation import decode_continuation
-from toex_tf.generation import Generation, traced_decision_layers, with_trace
+from toex_tf.generation import (
+    Generation,
+    check_bools,
+    check_policy,
+    check_sampling,
+    check_text,
+    check_trace,
+    token_id_list,
+    traced_decision_layers,
+    with_trace,
+)
 from toex_tf.inference.adapter import DecoderAdapter
 from toex_tf.inference.compiled import compile_function, compiled_speculative
 from toex_tf.inference.loop import generate
 from toex_tf.inference.policy import ExitPolicy
 from toex_tf.inference.prompts import pad_prompts
+from toex_tf.models.base import AdaptiveModel
 
 MODES = ("full", "unfrozen", "frozen", "lazy", "speculative")
 POLICY_FIELDS = ("criterion", "threshold", "decision_layers", "max_pending", "patience")
 TRACE_ALTERNATIVES = 5  # top alternatives a traced generation records per token
-
-
-def check_trace(trace, mode) -> None:
-    """`trace` must be a bool, and speculative decoding has no exit decisions to trace."""
-    if not isinstance(trace, bool):
-        raise TypeError(f"trace must be a bool; got {trace!r}.")
-    if trace and mode == "speculative":
-        raise ValueError(
-            "trace=True records exit decisions; speculative decoding makes none (its "
-            "tokens are full depth's): use mode 'full', 'unfrozen', 'frozen' or 'lazy'."
-        )
 
 
 def default_policy(model, mode: str = "lazy") -> ExitPolicy:
@@ -65,6 +65,12 @@ class AdaptiveLM:
     """
 
     def __init__(self, model, tokenizer=None, policy: ExitPolicy | None = None, max_length=None):
+        if not isinstance(model, AdaptiveModel):
+            raise TypeError(
+                f"model must be a keras.Model offering toex_tf.models.base.AdaptiveModel "
+                f"(EarlyExitGPT, HierarchicalLlama, ...); got {type(model).__name__}."
+            )
+        check_policy(policy)
         self.model = model
         self.tokenizer = tokenizer
         self.policy = policy or default_policy(model)
@@ -103,37 +109,49 @@ class AdaptiveLM:
         if unknown:
             raise TypeError(f"unknown policy arguments {unknown}; expected {POLICY_FIELDS}.")
         if "decision_layers" in fields:
-            fields["decision_layers"] = tuple(fields["decision_layers"]) or None
+            layers = fields["decision_layers"]
+            if not isinstance(layers, (list, tuple, range)):
+                raise TypeError(
+                    f"decision_layers must be a list of 1-based exit layers; got {layers!r}."
+                )
+            fields["decision_layers"] = tuple(layers) or None
         mode = self.policy.mode if mode is None else mode
         return dataclasses.replace(self.policy, mode=mode, **fields)
 
-    def _encode(self, prompts) -> tuple[list, list]:
-        """`(texts, id lists)` of `prompts`: one string, a list of strings, or id lists."""
+    def _encode(self, prompts, name: str = "prompts") -> tuple[list, list]:
+        """`(texts, id lists)` of `prompts`: one string, a list of strings, or of token-id
+        lists (or a 2-D integer array). `name`: the argument, for error messages."""
+        if isinstance(prompts, np.ndarray):
+            prompts = prompts.tolist()
+        if isinstance(prompts, (bytes, bytearray)):
+            token_id_list(name, prompts)  # raises: text must be a str
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError(
-                f"prompts must be a string or a non-empty list of strings; got {prompts!r}."
+                f"{name} must be a string or a non-empty list of strings (or of token-id "
+                f"lists); got {prompts!r}."
             )
         texts, ids = [], []
         for index, prompt in enumerate(prompts):
+            where = f"{name}[{index}]"
             if isinstance(prompt, str):
                 if self.tokenizer is None:
                     raise ValueError(
                         "this model has no tokenizer: give token-id lists, or load a run "
                         "directory that holds tokenizer/."
                     )
-                encoded = list(self.tokenizer.encode(prompt))
+                encoded = list(self.tokenizer.encode(check_text(where, prompt)))
                 texts.append(prompt)
             else:
-                encoded = [int(token) for token in prompt]
+                encoded = token_id_list(where, prompt)
                 texts.append(self.tokenizer.decode(encoded) if self.tokenizer else "")
             if not encoded:
-                raise ValueError(f"prompts[{index}] is empty: {prompt!r} encodes to no token.")
+                raise ValueError(f"{where} is empty: {prompt!r} encodes to no token.")
             vocab = self.model.vocab_size
             if min(encoded) < 0 or max(encoded) >= vocab:
                 raise ValueError(
-                    f"prompts[{index}] holds token ids from {min(encoded)} to {max(encoded)}; "
+                    f"{where} holds token ids from {min(encoded)} to {max(encoded)}; "
                     f"the model's vocabulary is [0, {vocab}) (is the tokenizer the model's?)."
                 )
             ids.append(encoded)
@@ -160,8 +178,11 @@ class AdaptiveLM:
         """Generates a continuation of each prompt, with exits.
 
         Args:
-            prompts: a string, or a list of strings (or of token-id lists). A batch is
-                left-padded and decoded together; each row generates what it would alone.
+            prompts: a string, or a list of strings (or of token-id lists, or a 2-D int
+                array). A batch is left-padded and decoded together; each row generates
+                what it would alone. Text is a `str`: bytes are refused (decode them
+                first), and so is a `str` holding lone surrogates (bytes that were not
+                UTF-8), each with an error naming the prompt.
             max_new_tokens: int > 0. Defaults to `64`.
             mode: `"full"`, `"unfrozen"`, `"frozen"`, `"lazy"` or `"speculative"`
                 (greedy only, `draft_layer`, `draft_length`); None: the default policy's.
@@ -183,8 +204,10 @@ class AdaptiveLM:
         if mode not in (None, *MODES):
             raise ValueError(f"mode must be one of {MODES}; got {mode!r}.")
         check_trace(trace, mode)
-        if not isinstance(do_sample, bool):
-            raise TypeError(f"do_sample must be a bool; got {do_sample!r}.")
+        check_bools(do_sample=do_sample, jit_compile=jit_compile)
+        check_sampling(temperature, top_k, top_p, seed)
+        if stop is not None and not isinstance(stop, (str, list, tuple)):
+            raise TypeError(f"stop must be None, a string or a list of strings; got {stop!r}.")
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError(f"stop must be a non-empty string or a list of them; got {stop!r}.")
@@ -301,7 +324,7 @@ class AdaptiveLM:
         if mode == "speculative":
             raise ValueError("score: speculative decoding scores as full depth; use 'full'.")
         exit_policy = self._policy(mode, policy)
-        _, ids = self._encode(texts)
+        _, ids = self._encode(texts, "texts")
         scores = []
         for index, row in enumerate(ids):
             if len(row) < 2:
@@ -349,6 +372,8 @@ def source_kind(source: str):
 
     Handles (`hf://`, `kaggle://`, TF-Hub) are resolved to their local directory first.
     """
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
     if not isinstance(source, str) or not source:
         raise ValueError(f"source must be a path or a handle string; got {source!r}.")
     from toex_tf.loaders.gguf_file import is_gguf_source, resolve_gguf  # noqa: PLC0415
@@ -377,7 +402,7 @@ def load(source: str, policy: ExitPolicy | None = None, max_length=None, **loade
     """Loads a model with its tokenizer: the Python way in.
 
     Args:
-        source: one of
+        source: a `str` (or `os.PathLike`), one of
             - a run directory (`model.keras` plus `tokenizer/`, as `toex_tf.run` writes),
             - a `.keras` file (a `tokenizer/` beside it is used),
             - a Hugging Face Llama checkpoint directory (`config.json`, safetensors),
@@ -398,6 +423,8 @@ def load(source: str, policy: ExitPolicy | None = None, max_length=None, **loade
     Raises:
         ValueError: nothing loadable at `source` (the message says what was looked for).
     """
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
     found = source_kind(source)
     if found is None:
         raise ValueError(

@@ -12,8 +12,18 @@ import dataclasses
 
 import numpy as np
 
-from toex_tf.api import MODES, TRACE_ALTERNATIVES, check_trace, default_policy
-from toex_tf.generation import Generation, traced_decision_layers, with_trace
+from toex_tf.api import MODES, TRACE_ALTERNATIVES, default_policy
+from toex_tf.generation import (
+    Generation,
+    check_bools,
+    check_policy,
+    check_sampling,
+    check_text,
+    check_trace,
+    is_int,
+    traced_decision_layers,
+    with_trace,
+)
 from toex_tf.inference.adapter import DecoderAdapter
 from toex_tf.inference.compiled import compile_function
 from toex_tf.inference.policy import ExitPolicy
@@ -35,6 +45,7 @@ class AdaptiveTranslator:
                 "an encoder-decoder model needs its tokenizer (a tokenizer/ directory beside "
                 "model.keras): its eos id starts every target."
             )
+        check_policy(policy)
         self.model = model
         self.tokenizer = tokenizer
         self.policy = policy or default_policy(model)
@@ -65,7 +76,7 @@ class AdaptiveTranslator:
         for index, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"sources[{index}] must be a string; got {text!r}.")
-            encoded = self.tokenizer.encode(text)
+            encoded = self.tokenizer.encode(check_text(f"sources[{index}]", text))
             if not encoded:
                 raise ValueError(f"sources[{index}] is empty: give a sentence to translate.")
             if len(encoded) > self.model.max_source_length:
@@ -114,10 +125,19 @@ class AdaptiveTranslator:
         if mode not in (None, *MODES):
             raise ValueError(f"mode must be one of {MODES}; got {mode!r}.")
         check_trace(trace, mode)
-        if not isinstance(do_sample, bool):
-            raise TypeError(f"do_sample must be a bool; got {do_sample!r}.")
+        check_bools(do_sample=do_sample, jit_compile=jit_compile)
+        check_sampling(temperature, top_k, top_p, seed)
+        most = self.model.max_length - 1  # the start token takes the first position
         if max_new_tokens is None:
-            max_new_tokens = self.model.max_length - 1
+            max_new_tokens = most
+        if not is_int(max_new_tokens):
+            raise TypeError(f"max_new_tokens must be an int or None; got {max_new_tokens!r}.")
+        if not 0 < max_new_tokens <= most:
+            raise ValueError(
+                f"max_new_tokens must be in [1, {most}] (the decoder's max_length="
+                f"{self.model.max_length}, less the start token); got {max_new_tokens}."
+            )
+        max_new_tokens = int(max_new_tokens)
         texts, ids = self._encode(sources)
         source_ids, mask = pad_sources(ids)
         eos = self.tokenizer.eos_id

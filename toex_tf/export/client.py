@@ -7,12 +7,21 @@ import tensorflow as tf
 from toex_tf.export.saved_model import TEXT_SIGNATURE
 
 
+def _int32(name: str, value):
+    """`value` as an int32 tensor; a `TypeError` naming `name` for non-integer values
+    (NumPy would truncate 1.5 to 1 without a word)."""
+    array = np.asarray(value)
+    if array.size and array.dtype.kind not in "iu":  # an empty list reads as float64
+        raise TypeError(f"{name} must hold integers; got dtype {array.dtype}: {value!r}.")
+    return tf.constant(array.astype("int32"))
+
+
 def generate_with_export(loaded, token_ids, lengths, max_new_tokens, threshold, mode):
     """Calls a loaded export's `generate` signature with numpy inputs; numpy outputs."""
     out = loaded.signatures["generate"](
-        token_ids=tf.constant(np.asarray(token_ids, "int32")),
-        lengths=tf.constant(np.asarray(lengths, "int32")),
-        max_new_tokens=tf.constant(int(max_new_tokens), tf.int32),
+        token_ids=_int32("token_ids", token_ids),
+        lengths=_int32("lengths", lengths),
+        max_new_tokens=_int32("max_new_tokens", max_new_tokens),
         threshold=tf.constant(float(threshold), tf.float32),
         mode=tf.constant(mode),
     )
@@ -22,8 +31,8 @@ def generate_with_export(loaded, token_ids, lengths, max_new_tokens, threshold, 
 def score_with_export(loaded, token_ids, lengths, threshold, mode):
     """Calls a loaded export's `score` signature with numpy inputs; numpy outputs."""
     out = loaded.signatures["score"](
-        token_ids=tf.constant(np.asarray(token_ids, "int32")),
-        lengths=tf.constant(np.asarray(lengths, "int32")),
+        token_ids=_int32("token_ids", token_ids),
+        lengths=_int32("lengths", lengths),
         threshold=tf.constant(float(threshold), tf.float32),
         mode=tf.constant(mode),
     )
@@ -34,7 +43,7 @@ def generate_text_with_export(loaded, prompts, max_new_tokens, threshold, mode):
     """Calls a loaded export's `generate_text` signature; (list of str, tokens, exits)."""
     out = loaded.signatures[TEXT_SIGNATURE](
         prompt=tf.constant(list(prompts), tf.string),
-        max_new_tokens=tf.constant(int(max_new_tokens), tf.int32),
+        max_new_tokens=_int32("max_new_tokens", max_new_tokens),
         threshold=tf.constant(float(threshold), tf.float32),
         mode=tf.constant(mode),
     )

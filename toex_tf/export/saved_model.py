@@ -101,6 +101,9 @@ def ids_checks(token_ids, lengths, vocab_size, max_length):
     in_vocabulary = tf.logical_and(token_ids >= 0, token_ids < vocab_size)
     return [
         tf.debugging.assert_greater(
+            batch, 0, message="token_ids has no rows: give at least one prompt"
+        ),
+        tf.debugging.assert_greater(
             width, 0, message="token_ids is empty: give at least one prompt token"
         ),
         tf.debugging.assert_less_equal(
@@ -154,9 +157,11 @@ def _generate_function(adapter: DecoderAdapter, make_policy, stop_token_ids):
         checks = ids_checks(token_ids, lengths, vocab_size, max_length)
         checks += [
             tf.debugging.assert_greater(max_new_tokens, 0, message="max_new_tokens must be > 0"),
+            # Not `width + max_new_tokens <= max_length`: that sum overflows int32 for a
+            # huge max_new_tokens, passes, and the cache scatter fails deep in the loop.
             tf.debugging.assert_less_equal(
-                width + max_new_tokens,
-                max_length,
+                max_new_tokens,
+                max_length - width,
                 message=f"prompt width + max_new_tokens exceeds max_length={max_length}",
             ),
         ]
@@ -221,7 +226,7 @@ def _score_function(adapter: DecoderAdapter, make_policy):
     return score_signature
 
 
-def _generate_text_function(generate_endpoint, graph_tokenizer, stop_token_ids):
+def _generate_text_function(generate_endpoint, graph_tokenizer, stop_token_ids, max_length):
     stop_ids = tf.constant(list(stop_token_ids) or [-1], tf.int32)
 
     def generate_text_signature(prompt, max_new_tokens, threshold, mode):
@@ -251,6 +256,14 @@ def _generate_text_function(generate_endpoint, graph_tokenizer, stop_token_ids):
                 tf.debugging.Assert(
                     tf.reduce_all(lengths > 0),
                     ["every prompt must encode to at least one token; token counts:", lengths],
+                ),
+                tf.debugging.Assert(
+                    tf.reduce_all(lengths <= max_length),
+                    [
+                        f"every prompt must encode to at most max_length={max_length} tokens; "
+                        "token counts:",
+                        lengths,
+                    ],
                 ),
             ],
         )
@@ -390,7 +403,9 @@ def export_saved_model(
     if graph_tokenizer is not None:
         archive.track(graph_tokenizer)  # the SentencePiece op's model resource
         # Calls the `generate` function: its decode loops are traced once, not twice.
-        text_fn = _generate_text_function(generate_endpoint, graph_tokenizer, stop_token_ids)
+        text_fn = _generate_text_function(
+            generate_endpoint, graph_tokenizer, stop_token_ids, adapter.max_length
+        )
         archive.add_endpoint(TEXT_SIGNATURE, text_fn, input_signature=GENERATE_TEXT_SIGNATURE)
     _add_reusable_api(archive, model, logits_fn)
     write_out_once(archive, directory)

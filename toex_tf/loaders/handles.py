@@ -29,6 +29,13 @@ def resolve_handle(handle: str) -> str:
         return _resolve_kaggle(handle[len("kaggle://") :])
     if handle.startswith(("https://tfhub.dev/", "https://www.kaggle.com/models/", "tfhub://")):
         return _resolve_tfhub(handle.replace("tfhub://", "https://tfhub.dev/", 1))
+    if "://" in handle:
+        scheme = handle.split("://", 1)[0] + "://"
+        raise CheckpointError(
+            f"unknown handle scheme {scheme!r} in {handle!r}; expected a local directory, "
+            f"hf://org/name[@revision], kaggle://owner/model/..., tfhub://..., or an "
+            f"https://tfhub.dev/ or https://www.kaggle.com/models/ URL."
+        )
     path = os.path.expanduser(handle)
     if os.path.isfile(path):
         raise CheckpointError(

@@ -22,6 +22,15 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 def _weight_files(directory: str) -> tuple[list[str], dict | None]:
     """The checkpoint's weight files, and the index's `{key: file path}` (None unsharded)."""
+    if not isinstance(directory, (str, os.PathLike)) or not directory:
+        raise CheckpointError(f"directory must be a path string; got {directory!r}.")
+    if os.path.isfile(directory):
+        raise CheckpointError(
+            f"{directory} is a file; give the checkpoint directory that holds {WEIGHTS_FILE} "
+            f"or {INDEX_FILE}."
+        )
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"checkpoint directory {directory} does not exist.")
     index = os.path.join(directory, INDEX_FILE)
     listed = None
     if os.path.isfile(index):
