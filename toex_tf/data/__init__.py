@@ -1,7 +1,7 @@
 """Data: document sources, tokenizers and token streams.
 
 Imports without TensorFlow. The `tf.data` pipeline is in `toex_tf.data.tf_pipeline`,
-imported explicitly.
+imported explicitly. Large corpora stream through token shards (`toex_tf.data.streaming`).
 """
 
 from toex_tf.data.corpus import (
@@ -11,6 +11,12 @@ from toex_tf.data.corpus import (
     split_documents,
 )
 from toex_tf.data.hf_tokenizer import HFJsonTokenizer
+from toex_tf.data.streaming import (
+    TokenShards,
+    build_token_shards,
+    open_document_stream,
+    split_stream,
+)
 from toex_tf.data.token_stream import encode_documents, lm_windows, token_frequencies
 from toex_tf.data.tokenizers import (
     ByteTokenizer,
@@ -24,14 +30,18 @@ __all__ = [
     "ByteTokenizer",
     "HFJsonTokenizer",
     "SentencePieceTokenizer",
+    "TokenShards",
     "Tokenizer",
+    "build_token_shards",
     "builtin_corpus",
     "encode_documents",
     "lm_windows",
     "load_documents",
     "load_tokenizer",
     "make_tokenizer",
+    "open_document_stream",
     "read_text_files",
     "split_documents",
+    "split_stream",
     "token_frequencies",
 ]

@@ -147,6 +147,24 @@ def builtin_corpus() -> list[str]:
     return list(_builtin_corpus_cached())
 
 
+def text_file_paths(pattern: str) -> list[str]:
+    """The files a `text:` dataset reads, in sorted order (see `read_text_files`).
+
+    Raises:
+        ValueError: if `pattern` matches no files.
+    """
+    expanded = os.path.expanduser(pattern)
+    if os.path.isdir(expanded):
+        expanded = os.path.join(expanded, "**", "*.txt")
+    paths = sorted(path for path in glob.glob(expanded, recursive=True) if os.path.isfile(path))
+    if not paths:
+        raise ValueError(
+            f"dataset glob {pattern!r} matched no files; expected a glob such as "
+            "'corpus/**/*.txt' or a directory containing .txt files."
+        )
+    return paths
+
+
 def read_text_files(pattern: str) -> list[str]:
     """Reads local text files as documents, one document per file.
 
@@ -165,26 +183,20 @@ def read_text_files(pattern: str) -> list[str]:
     Example:
         >>> documents = read_text_files("my_corpus/")  # doctest: +SKIP
     """
-    expanded = os.path.expanduser(pattern)
-    if os.path.isdir(expanded):
-        expanded = os.path.join(expanded, "**", "*.txt")
-    paths = sorted(path for path in glob.glob(expanded, recursive=True) if os.path.isfile(path))
-    if not paths:
-        raise ValueError(
-            f"dataset glob {pattern!r} matched no files; expected a glob such as "
-            "'corpus/**/*.txt' or a directory containing .txt files."
-        )
     documents = []
-    for path in paths:
+    for path in text_file_paths(pattern):
         with open(path, encoding="utf-8", errors="replace") as file:
             documents.append(file.read())
     return documents
 
 
-def _load_tfds(
+def iter_tfds_documents(
     name: str, data_dir: str | None, text_key: str, split: str, download: bool
-) -> list[str]:
-    """Loads the `text_key` feature of a TFDS dataset as documents."""
+) -> Iterator[str]:
+    """Yields the `text_key` feature of a TFDS dataset's examples, one at a time.
+
+    The dataset is opened (and checked) when this is called, not on the first `next`.
+    """
     import tensorflow_datasets as tfds  # Lazy: pulls in TensorFlow.
 
     try:
@@ -209,13 +221,20 @@ def _load_tfds(
             f"tfds_text_key {text_key!r} is not a feature of TFDS dataset {name!r}; "
             f"expected one of {available}."
         )
-    documents = []
-    for example in tfds.as_numpy(dataset):
+    return _decoded_texts(tfds.as_numpy(dataset), text_key)
+
+
+def _decoded_texts(examples, text_key: str) -> Iterator[str]:
+    for example in examples:
         text = example[text_key]
-        documents.append(
-            text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
-        )
-    return documents
+        yield text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+
+
+def _load_tfds(
+    name: str, data_dir: str | None, text_key: str, split: str, download: bool
+) -> list[str]:
+    """Loads the `text_key` feature of a TFDS dataset as documents."""
+    return list(iter_tfds_documents(name, data_dir, text_key, split, download))
 
 
 def load_documents(
