@@ -1,7 +1,8 @@
 """`--model=llama` through the command line: phases, the quality table, router capacity.
 
 Split from tests/test_run_cli.py so that pytest-xdist can spread the slow CLI tests over
-its workers (`--dist loadfile` keeps a file on one worker).
+its workers (`--dist loadfile` keeps a file on one worker). The phases end to end (base and
+routers by two workers, then exits and the quality table) are in test_multi_worker.py.
 """
 
 import json
@@ -18,49 +19,6 @@ LLAMA = [
     "--batch_size=4",
     "--eval_windows=4",
 ]
-
-
-def test_llama_phases_then_quality_table(tmp_path):
-    glob = write_corpus(tmp_path / "corpus")
-    data = f"--dataset=text:{glob}"
-    base, routed = tmp_path / "base", tmp_path / "routed"
-    result = run_cli(*LLAMA, data, "--phase=base", "--train_steps=6", f"--output_dir={base}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (base / "hf" / "config.json").exists() and (base / "hf" / "model.safetensors").exists()
-    result = run_cli(
-        *LLAMA,
-        data,
-        "--phase=routers",
-        "--capacity=0.5",
-        "--train_steps=8",
-        f"--init_from={base / 'hf'}",
-        f"--output_dir={routed}",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = run_cli(
-        *LLAMA,
-        data,
-        "--phase=exits",
-        "--train_steps=4",
-        f"--init_from={routed / 'model.keras'}",
-        f"--output_dir={routed}",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = run_cli(
-        *LLAMA,
-        data,
-        "--mode=eval",
-        "--exit_depth=1.5",
-        "--llama_capacities=0.5",
-        f"--output_dir={routed}",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    table = json.loads((routed / "llama_results.json").read_text())
-    rows = table["rows"]
-    assert [(r["capacity"], r["exits"]) for r in rows] == [(1.0, False), (0.5, False), (0.5, True)]
-    for row in rows[1:]:
-        assert row["perplexity"] > 0 and "perplexity_increase" in row
-        assert row["measured_speedup"] > 0 and row["counted_speedup"] > 0
 
 
 def test_llama_bad_phase_setup_fails_clearly(tmp_path):

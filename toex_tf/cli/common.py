@@ -16,7 +16,13 @@ def write_json(path: str, record: dict) -> None:
 
 
 def append_to_config_log(**outcome) -> None:
-    """One JSON line per run in OUTPUT_DIR/config_log.jsonl: time, every flag, the outcome."""
+    """One JSON line per run in OUTPUT_DIR/config_log.jsonl: time, every flag, the outcome.
+
+    Only the chief of a multi-worker run writes it."""
+    from toex_tf.training.multi_worker import is_chief  # noqa: PLC0415
+
+    if not is_chief():
+        return
     entry = {
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "flags": flag_values(),
@@ -76,11 +82,18 @@ def prepared_data(tokenizer=None):
     """
     from toex_tf.cli.flags import data_config  # noqa: PLC0415
     from toex_tf.data.prepared import prepare_data  # noqa: PLC0415
+    from toex_tf.data.tokenizers import MANIFEST_FILE, load_tokenizer  # noqa: PLC0415
+    from toex_tf.training.multi_worker import write_dir  # noqa: PLC0415
 
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    return prepare_data(
-        data_config(), FLAGS.seq_len, FLAGS.output_dir, seed=FLAGS.seed, tokenizer=tokenizer
-    )
+    writes = write_dir(FLAGS.output_dir)
+    chief_tokenizer = os.path.join(FLAGS.output_dir, "tokenizer")
+    if tokenizer is None and writes != FLAGS.output_dir:
+        # A non-chief worker writes its tokenizer and data cache into its own directory,
+        # but uses the chief's tokenizer when there is one (a resumed run).
+        if os.path.exists(os.path.join(chief_tokenizer, MANIFEST_FILE)):
+            tokenizer = load_tokenizer(chief_tokenizer)
+    os.makedirs(writes, exist_ok=True)
+    return prepare_data(data_config(), FLAGS.seq_len, writes, seed=FLAGS.seed, tokenizer=tokenizer)
 
 
 def held_out(tokenizer, count: int, length: int):
@@ -88,7 +101,16 @@ def held_out(tokenizer, count: int, length: int):
     from toex_tf.cli.flags import data_config  # noqa: PLC0415
     from toex_tf.data.prepared import held_out_prompts  # noqa: PLC0415
 
-    return held_out_prompts(data_config(), tokenizer, count, length, seed=FLAGS.seed)
+    # A streamed corpus's shards, when this run wrote them, are reused.
+    cache_dir = os.path.join(FLAGS.output_dir, "data")
+    return held_out_prompts(
+        data_config(),
+        tokenizer,
+        count,
+        length,
+        seed=FLAGS.seed,
+        cache_dir=cache_dir if os.path.isdir(cache_dir) else None,
+    )
 
 
 def model_record(model) -> dict:

@@ -4,6 +4,7 @@ The other `cli` modules read `FLAGS` and the config builders below; nothing outs
 `cli/` and `run.py` knows about absl.
 """
 
+import math
 import sys
 
 from absl import flags
@@ -149,7 +150,13 @@ flags.DEFINE_string(
 flags.DEFINE_float("distill_weight", 0.0, "Weight of distillation from the final exit.", 0.0)
 flags.DEFINE_float("distill_temperature", 1.0, "Distillation temperature.", lower_bound=0.01)
 flags.DEFINE_integer("checkpoint_every", 100, "Save a checkpoint every N steps.", lower_bound=1)
-flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"], "tf.distribute.")
+flags.DEFINE_enum(
+    "strategy",
+    "default",
+    ["default", "mirrored", "multi_worker"],
+    "tf.distribute strategy for training: mirrored (local GPUs or logical CPUs) or "
+    "multi_worker (one process per worker, the cluster from TF_CONFIG; the chief writes).",
+)
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_bool("jit_compile", True, "Compile the training step with XLA.")
 flags.DEFINE_bool(
@@ -459,6 +466,13 @@ def check_combinations() -> None:
     """Checks what one flag alone cannot; raises `ValueError` naming the flags."""
     if not FLAGS.output_dir:
         raise ValueError("--output_dir is required.")
+    for name, value in flag_values().items():  # absl's float bounds let NaN through
+        if isinstance(value, float) and math.isnan(value):
+            raise ValueError(f"--{name} is NaN; expected a number.")
+    if FLAGS.strategy == "multi_worker":
+        from toex_tf.training.multi_worker import cluster_task  # noqa: PLC0415
+
+        cluster_task()  # a malformed TF_CONFIG fails here, named
     if FLAGS.phase is not None and FLAGS.model != "llama":
         raise ValueError(f"--phase is for --model=llama; got --model={FLAGS.model}.")
     if FLAGS.target_speedup and (FLAGS.model != "llama" or FLAGS.mode != "benchmark"):

@@ -12,6 +12,7 @@
 Writes OUTPUT_DIR/model.keras and OUTPUT_DIR/tokenizer (a Llama base also `hf/`).
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,20 +24,24 @@ from toex_tf.config import gpt_preset
 
 
 def run() -> dict:
+    from toex_tf.training.checkpoint import check_output_dir  # noqa: PLC0415
+    from toex_tf.training.multi_worker import is_chief, write_dir  # noqa: PLC0415
+
+    # A read-only or full output directory fails before the data and the model are made.
+    check_output_dir(write_dir(FLAGS.output_dir), 0, "--output_dir")
     if FLAGS.model == "seq2seq":
         from toex_tf.cli import seq2seq  # noqa: PLC0415
 
         outcome = seq2seq.train()
     else:
         outcome = _train_llama() if FLAGS.model == "llama" else _train_gpt()
-    if FLAGS.mode == "train_and_eval":
+    if FLAGS.mode == "train_and_eval" and is_chief():  # the chief evaluates the model it saved
         outcome["results"] = evaluate.evaluate(trained_here=True)
     append_to_config_log(**outcome)
     return outcome
 
 
 def _train_gpt() -> dict:
-    from toex_tf.models.saving import save_model_atomically  # noqa: PLC0415
     from toex_tf.training.tf_train import train  # noqa: PLC0415 - TensorFlow
 
     # The model settings are checked before the (slower) data preparation.
@@ -65,11 +70,24 @@ def _train_gpt() -> dict:
         FLAGS.output_dir,
         token_counts=None if initial is not None else prepared.token_counts,
         initial_model=initial,
+        train_dataset=prepared.train_dataset,  # a streamed corpus: all of it, not its head
     )
+    _save_on_chief(model)
+    return {}
+
+
+def _save_on_chief(model) -> None:
+    """OUTPUT_DIR/model.keras, written by the chief only: in a multi-worker run, every
+    worker ends with the same weights and one file is written."""
+    from toex_tf.models.saving import save_model_atomically  # noqa: PLC0415
+    from toex_tf.training.multi_worker import is_chief  # noqa: PLC0415
+
+    if not is_chief():
+        print("Not the chief: the chief saves the model.")
+        return
     path = os.path.join(FLAGS.output_dir, "model.keras")
     save_model_atomically(model, path)
     print(f"Saved {path} ({model.count_params():,} parameters).")
-    return {}
 
 
 def _train_llama() -> dict:
@@ -81,18 +99,30 @@ def _train_llama() -> dict:
         return _train_exit_heads()
     if phase == "lora_exits":
         return _train_lora_exits()
+    strategy = None
+    if FLAGS.strategy != "default":
+        from toex_tf.training.tf_distribute import make_strategy  # noqa: PLC0415
+
+        strategy = make_strategy(FLAGS.strategy)
+    # The model is built (or loaded) in the strategy's scope: its variables are mirrored.
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     if phase == "base":
         if FLAGS.init_from:
             raise ValueError("--phase=base trains from scratch; drop --init_from.")
         prepared = prepared_data()
-        model = build_llama(
-            FLAGS.llama_preset,
-            vocab_size=prepared.tokenizer.vocab_size,
-            exit_layers=(),
-            capacity=1.0,
-        )
+        import keras  # noqa: PLC0415
+
+        keras.utils.set_random_seed(FLAGS.seed)  # --seed fixes the initial weights
+        with scope:
+            model = build_llama(
+                FLAGS.llama_preset,
+                vocab_size=prepared.tokenizer.vocab_size,
+                exit_layers=(),
+                capacity=1.0,
+            )
     else:
-        lm = load_run_model()
+        with scope:
+            lm = load_run_model()
         model = lm.model
         prepared = prepared_data(lm.tokenizer)
         if model.vocab_size != prepared.tokenizer.vocab_size:
@@ -112,6 +142,7 @@ def _train_llama() -> dict:
         seed=FLAGS.seed,
         checkpoint_every=FLAGS.checkpoint_every,
         compute_weight=FLAGS.compute_weight,
+        strategy=strategy,
     )
     print(f"phase {phase}: {json.dumps({k: v for k, v in logs.items() if k != 'schedule'})}")
     return {"logs": logs}

@@ -77,9 +77,12 @@ class Tokenizer(abc.ABC):
 def write_manifest(directory: str, manifest: dict) -> str:
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, MANIFEST_FILE)
-    with open(path, "w", encoding="utf-8") as file:
+    # Written whole then renamed: a reader (another worker of a multi-worker run) never
+    # sees half a manifest.
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
         json.dump(manifest, file, indent=2, sort_keys=True)
         file.write("\n")
+    os.replace(path + ".tmp", path)
     return path
 
 

@@ -87,7 +87,8 @@ def validate_generation(
         )
     if sampling not in SAMPLING:
         raise ValueError(f"sampling must be one of {SAMPLING}; got {sampling!r}.")
-    if temperature <= 0 or top_k < 0 or not 0 < top_p <= 1:
+    # Written so that NaN fails every comparison and is refused.
+    if not temperature > 0 or top_k < 0 or not 0 < top_p <= 1:
         raise ValueError(
             f"need temperature > 0, top_k >= 0 and top_p in (0, 1]; got {temperature}, "
             f"{top_k}, {top_p}."

@@ -53,6 +53,9 @@ def _rope_theta(config: dict, path: str) -> float:
     # `rope_theta` and an optional `rope_scaling`.
     parameters = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
+    for name, source in (("rope_parameters", parameters), ("rope_scaling", scaling)):
+        if not isinstance(source, dict):
+            raise CheckpointError(f"{path}: {name} must be an object; got {source!r}.")
     for source in (parameters, scaling):  # either one asking for scaling is refused
         rope_type = source.get("rope_type") or source.get("type") or "default"
         if rope_type != "default":
@@ -60,7 +63,18 @@ def _rope_theta(config: dict, path: str) -> float:
                 f"{path}: RoPE scaling {rope_type!r} is not supported; only plain RoPE "
                 f"(rope_type 'default') is."
             )
-    return float(parameters.get("rope_theta", config.get("rope_theta", 10000.0)))
+    return _number(
+        float, "rope_theta", parameters.get("rope_theta", config.get("rope_theta", 10000.0)), path
+    )
+
+
+def _number(kind, name: str, value, path: str):
+    """`kind(value)` (int or float) for config field `name`, or an error naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CheckpointError(f"{path}: {name} must be a number; got {value!r}.")
+    if kind is int and value != int(value):
+        raise CheckpointError(f"{path}: {name} must be an integer; got {value!r}.")
+    return kind(value)
 
 
 def llama_config_from_hf(config: dict, path: str = CONFIG_FILE, **overrides) -> LlamaConfig:
@@ -95,17 +109,26 @@ def llama_config_from_hf(config: dict, path: str = CONFIG_FILE, **overrides) -> 
     missing = [name for name in required if name not in config]
     if missing:
         raise CheckpointError(f"{path}: missing fields {missing}.")
+
+    def integer(name, default=None):
+        return _number(int, name, config.get(name, default), path)
+
     fields = dict(
-        vocab_size=int(config["vocab_size"]),
-        max_length=int(config.get("max_position_embeddings", 2048)),
-        hidden_dim=int(config["hidden_size"]),
-        num_layers=int(config["num_hidden_layers"]),
-        num_heads=int(config["num_attention_heads"]),
-        num_kv_heads=int(config.get("num_key_value_heads") or config["num_attention_heads"]),
+        vocab_size=integer("vocab_size"),
+        max_length=integer("max_position_embeddings", 2048),
+        hidden_dim=integer("hidden_size"),
+        num_layers=integer("num_hidden_layers"),
+        num_heads=integer("num_attention_heads"),
+        num_kv_heads=_number(
+            int,
+            "num_key_value_heads",
+            config.get("num_key_value_heads") or config["num_attention_heads"],
+            path,
+        ),
         head_dim=config.get("head_dim"),
-        intermediate_dim=int(config["intermediate_size"]),
+        intermediate_dim=integer("intermediate_size"),
         # Taken from the checkpoint, never a default (DESIGN.md §4).
-        norm_epsilon=float(config["rms_norm_eps"]),
+        norm_epsilon=_number(float, "rms_norm_eps", config["rms_norm_eps"], path),
         rope_theta=_rope_theta(config, path),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
     )

@@ -15,12 +15,14 @@ rather than resumed into a run it does not belong to.
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import keras
 import numpy as np
 
 STATE_FILE = "state.json"
+_CHECKPOINT_NAME = re.compile(r"ckpt-(\d{8})(?:\.old)?")
 WEIGHTS_FILE = "model.weights.h5"
 OPTIMIZER_FILE = "optimizer.npz"
 
@@ -31,6 +33,71 @@ def _sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_output_dir(directory: str, needed_bytes: int = 0, name: str = "output_dir") -> None:
+    """Fails early, with the reason, when `directory` cannot take a run's files.
+
+    Creates `directory` if needed, writes and removes a probe file (a read-only or
+    otherwise unwritable directory fails here, not at the first checkpoint), and compares
+    the free space with `needed_bytes`.
+
+    Args:
+        directory: str, where the run writes.
+        needed_bytes: int, the space the run is expected to need (its checkpoints and
+            model); 0: only writability is checked.
+        name: str, what the directory is called in the message (a flag or argument name).
+
+    Raises:
+        ValueError: naming `name`, the directory, and the free and needed space.
+    """
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".toex-write-probe-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"toex")
+        os.remove(probe)
+    except OSError as error:
+        raise ValueError(
+            f"{name} {directory!r} is not writable ({error.strerror or error}); expected a "
+            "directory this process can create files in."
+        ) from error
+    free = shutil.disk_usage(directory).free
+    if needed_bytes > free:
+        raise ValueError(
+            f"{name} {directory!r} has {free / 2**20:.1f} MiB free; this run needs about "
+            f"{needed_bytes / 2**20:.1f} MiB (its checkpoints and model). Free space or "
+            "choose another directory."
+        )
+
+
+def checkpoint_bytes(model, optimizer) -> int:
+    """About the size of one checkpoint: the model's variables and the optimizer's."""
+    variables = list(model.variables) + list(optimizer.variables)
+    return int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables))
+
+
+def _fsync_directory(path: str) -> None:
+    """Flushes a directory's entries (a rename) to disk, where the OS allows it."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(path: str) -> None:
+    """Flushes the files of a checkpoint being written, then its directory, so that the
+    rename that publishes it never points at data still in the page cache."""
+    for name in os.listdir(path):
+        with open(os.path.join(path, name), "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_directory(path)
 
 
 def rng_state_variables(model) -> list:
@@ -60,24 +127,39 @@ class CheckpointManager:
             model config, schedule, ...). Written into every checkpoint; `restore`
             refuses a checkpoint whose `run_config` differs and names the first
             differing key. None (the default): not written, not checked.
+        write_directory: str or None: where `save` writes, when it is not `directory`
+            (a multi-worker run's non-chief worker writes into a temporary directory of
+            its own, and resumes from the chief's checkpoints in `directory`).
     """
 
-    def __init__(self, directory: str, max_to_keep: int = 3, run_config: dict | None = None):
+    def __init__(
+        self,
+        directory: str,
+        max_to_keep: int = 3,
+        run_config: dict | None = None,
+        write_directory: str | None = None,
+    ):
         self.directory = directory
+        self.write_directory = write_directory or directory
         self.max_to_keep = max_to_keep
         # Compared after a JSON round trip, as it is read back (tuples become lists).
         self.run_config = None if run_config is None else json.loads(json.dumps(run_config))
 
-    def checkpoints(self) -> list[str]:
-        """Complete checkpoint directories, oldest first."""
-        if not os.path.isdir(self.directory):
+    def checkpoints(self, directory: str | None = None) -> list[str]:
+        """Complete checkpoint directories in `directory` (default: the one read),
+        oldest first."""
+        directory = directory or self.directory
+        if not os.path.isdir(directory):
             return []
-        names = sorted(
-            name
-            for name in os.listdir(self.directory)
-            if name.startswith("ckpt-") and not name.endswith(".tmp")
-        )
-        return [os.path.join(self.directory, name) for name in names]
+        # Only complete ones: never `ckpt-N.tmp` (a save in progress or interrupted);
+        # `ckpt-N.old` (moved aside while `ckpt-N` was rewritten) only when a crash left
+        # no `ckpt-N`.
+        names = {}
+        for name in sorted(os.listdir(directory)):
+            match = _CHECKPOINT_NAME.fullmatch(name)
+            if match:
+                names.setdefault(match.group(1), name)
+        return [os.path.join(directory, names[step]) for step in sorted(names)]
 
     def latest(self) -> str | None:
         found = self.checkpoints()
@@ -85,10 +167,36 @@ class CheckpointManager:
 
     def save(self, step: int, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> str:
         """Writes checkpoint `step` atomically and prunes old ones; returns its path."""
-        os.makedirs(self.directory, exist_ok=True)
-        final = os.path.join(self.directory, f"ckpt-{step:08d}")
+        os.makedirs(self.write_directory, exist_ok=True)
+        final = os.path.join(self.write_directory, f"ckpt-{step:08d}")
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            self._write(tmp, step, model, optimizer)
+        except OSError as error:  # a full disk, a lost mount: the older checkpoints stay
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = self.checkpoints(self.write_directory)
+            intact = f"{kept[-1]!r} is intact" if kept else "no earlier checkpoint exists"
+            raise OSError(
+                error.errno,
+                f"writing checkpoint {final!r} failed ({error.strerror or error}); the "
+                f"latest complete checkpoint {intact}.",
+            ) from error
+        # A checkpoint of the same step is moved aside, not deleted, until the new one is
+        # in place: a crash at any point leaves one complete `ckpt-N` (or the older ones).
+        old = final + ".old"
+        if os.path.exists(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_directory(self.write_directory)
+        shutil.rmtree(old, ignore_errors=True)
+        for old in self.checkpoints(self.write_directory)[: -self.max_to_keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _write(self, tmp: str, step: int, model, optimizer) -> None:
+        """Writes checkpoint `step`'s files into the new directory `tmp`, flushed."""
         os.makedirs(tmp)
         model.save_weights(os.path.join(tmp, WEIGHTS_FILE))
         arrays = {f"v{i:05d}": np.asarray(v) for i, v in enumerate(optimizer.variables)}
@@ -105,11 +213,7 @@ class CheckpointManager:
             state["run_config"] = self.run_config
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump(state, f)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in self.checkpoints()[: -self.max_to_keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
+        _fsync_tree(tmp)
 
     def restore(self, model, optimizer, path: str | None = None) -> int:
         """Loads checkpoint `path` (default: the latest) into model and optimizer.

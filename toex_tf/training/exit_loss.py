@@ -5,6 +5,7 @@ import numpy as np
 from keras import ops
 
 from toex_tf.config import EXIT_WEIGHT_SCHEDULES
+from toex_tf.training.multi_worker import MultiWorkerFit, scale_loss_for_replicas
 
 
 def exit_loss_weights(schedule: str, exit_layers, num_layers: int) -> np.ndarray:
@@ -44,13 +45,14 @@ def exit_loss_weights(schedule: str, exit_layers, num_layers: int) -> np.ndarray
     return (weights / weights.sum()).astype("float32")
 
 
-class EarlyExitTrainer(keras.Model):
+class EarlyExitTrainer(MultiWorkerFit, keras.Model):
     """Wraps an early-exit model for `fit` with the joint exit loss.
 
     `loss = sum_e w_e * CE(exit_e) + distill_weight * mean_e KL(final || exit_e) * T^2
     + router losses`. The distillation target is the final exit with its gradient
     stopped, so early exits learn to imitate the full model rather than pull it down
-    (LayerSkip, CALM). The wrapper is never saved: save `trainer.model`.
+    (LayerSkip, CALM). The wrapper is never saved: save `trainer.model`. It trains under
+    any `tf.distribute` strategy, multi-worker included (`MultiWorkerFit`).
 
     Args:
         model: a model whose output dict has `"exit_logits"`, a list ending at the final
@@ -108,7 +110,8 @@ class EarlyExitTrainer(keras.Model):
             total = total + self.distill_weight * temperature**2 * distill / (len(y_pred) - 1)
         if self.losses:
             total = total + ops.sum(ops.stack([ops.cast(v, "float32") for v in self.losses]))
-        return total
+        # Gradients are summed over replicas: each replica's share is 1/replicas.
+        return scale_loss_for_replicas(total)
 
     @property
     def metrics(self):

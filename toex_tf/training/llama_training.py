@@ -26,6 +26,7 @@ Gumbel noise), and the batch order is a pure function of (seed, step), so a resu
 phase ends with the same weights as one that was never interrupted.
 """
 
+import contextlib
 import hashlib
 import os
 
@@ -34,7 +35,19 @@ import numpy as np
 from keras import ops
 
 from toex_tf.layers import SkipRouter
-from toex_tf.training.checkpoint import CheckpointEvery, CheckpointManager
+from toex_tf.training.checkpoint import (
+    CheckpointEvery,
+    CheckpointManager,
+    check_output_dir,
+    checkpoint_bytes,
+)
+from toex_tf.training.multi_worker import (
+    MultiWorkerFit,
+    scale_loss_for_replicas,
+    spans_workers,
+    weights_digest,
+    write_dir,
+)
 from toex_tf.training.tensorboard import GlobalStepTensorBoard
 
 TRAIN_PHASES = ("base", "routers", "exits", "full")
@@ -90,7 +103,7 @@ def capacity_schedule(start: float, end: float, steps: int, stages: int = 4) -> 
     return schedule
 
 
-class LlamaPhaseTrainer(keras.Model):
+class LlamaPhaseTrainer(MultiWorkerFit, keras.Model):
     """Wraps a `HierarchicalLlama` for `fit` in one training phase (module docstring).
 
     Args:
@@ -212,7 +225,8 @@ class LlamaPhaseTrainer(keras.Model):
             router = ops.sum(ops.stack([ops.cast(v, "float32") for v in self.losses]))
             self.trackers["router"].update_state(router)
             total = total + router
-        return total
+        # Gradients are summed over replicas: each replica's share is 1/replicas.
+        return scale_loss_for_replicas(total)
 
     @property
     def metrics(self):
@@ -265,6 +279,8 @@ def train_phase(
     output_dir: str | None = None,
     checkpoint_every: int = 100,
     callbacks=(),
+    strategy=None,
+    make_dataset=None,
     **trainer_kwargs,
 ) -> dict:
     """Trains one phase with Keras `fit` (the model on TensorFlow or JAX; the input
@@ -289,12 +305,23 @@ def train_phase(
             (the default): neither.
         checkpoint_every: int, steps between checkpoints. Defaults to `100`.
         callbacks: extra Keras callbacks, passed to every `fit` (one per capacity stage).
+        strategy: a `tf.distribute.Strategy` or None (the default: none). `model` must
+            have been built or loaded in its scope. Under a multi-worker strategy only
+            the chief writes into `output_dir`; other workers write into temporary
+            directories (`toex_tf.training.multi_worker.write_dir`) and resume from the
+            chief's checkpoints.
+        make_dataset: None, or `(skip_batches) -> tf.data.Dataset` of `batch_size`
+            batches (a streamed corpus, `PreparedData.train_dataset`): training reads it
+            instead of `inputs, targets`, which are then its head (checked, hashed into
+            the checkpoints' run config, and used to calibrate the routers).
         **trainer_kwargs: `LlamaPhaseTrainer` loss weights.
 
     Returns:
         dict: the last logged value of every metric (none when a finished phase is
         resumed), plus `"schedule"`.
     """
+    import tensorflow as tf  # noqa: PLC0415 - the input pipeline is tf.data
+
     from toex_tf.data.tf_pipeline import make_lm_dataset  # noqa: PLC0415 - TensorFlow
 
     inputs = np.asarray(inputs, "int32")
@@ -314,22 +341,29 @@ def train_phase(
         schedule = capacity_schedule(capacity_start, target_capacity, steps)
     else:
         schedule = [(target_capacity, steps)]
-    trainer = LlamaPhaseTrainer(model, phase, seed=seed, **trainer_kwargs)
-    optimizer = warmup_cosine_adamw(steps, learning_rate)
-    trainer.compile(optimizer=optimizer)
-    optimizer.build(trainer.trainable_variables)
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        trainer = LlamaPhaseTrainer(model, phase, seed=seed, **trainer_kwargs)
+        optimizer = warmup_cosine_adamw(steps, learning_rate)
+        trainer.compile(optimizer=optimizer)
+        optimizer.build(trainer.trainable_variables)
     step, callbacks = 0, list(callbacks)
     if output_dir is not None:
         # The trainer, not only the model: it holds the Gumbel noise's seed generator.
+        writes = write_dir(output_dir)  # the chief's output_dir, a worker's own
         manager = CheckpointManager(
             os.path.join(output_dir, "checkpoints", phase),
             run_config=_run_config(trainer, inputs, schedule, batch_size, learning_rate, seed),
+            write_directory=os.path.join(writes, "checkpoints", phase),
+        )
+        # A read-only or full disk fails now, not at the first checkpoint.
+        check_output_dir(
+            writes, (manager.max_to_keep + 2) * checkpoint_bytes(trainer, optimizer), "output_dir"
         )
         latest = manager.latest()
         if latest is not None:
             step = manager.restore(trainer, optimizer, latest)
             print(f"Resumed from {latest} at step {step}.")
-        log_dir = os.path.join(output_dir, "tensorboard", phase)
+        log_dir = os.path.join(writes, "tensorboard", phase)
         callbacks = [
             CheckpointEvery(manager, trainer, checkpoint_every, step),
             GlobalStepTensorBoard(log_dir, initial_step=step, update_freq=10),
@@ -345,9 +379,18 @@ def train_phase(
         trainer.train_function = None  # the routed count is static: retrace
         first = max(step, stage_start)
         # Batch k of the phase is the same whether or not the run was resumed.
-        dataset = make_lm_dataset(
-            inputs, targets, batch_size, shuffle=True, seed=seed, repeat=True, skip_batches=first
-        )
+        if make_dataset is not None:
+            dataset = make_dataset(first)
+        else:
+            dataset = make_lm_dataset(
+                inputs, targets, batch_size, True, seed, repeat=True, skip_batches=first
+            )
+        if spans_workers(strategy):  # each worker takes its share of every global batch
+            options = tf.data.Options()
+            options.experimental_distribute.auto_shard_policy = (
+                tf.data.experimental.AutoShardPolicy.DATA
+            )
+            dataset = dataset.with_options(options)
         history = trainer.fit(
             dataset,
             epochs=1,
@@ -359,6 +402,8 @@ def train_phase(
         logs = {k: float(v[-1]) for k, v in history.history.items()}
     for router in model.routers:
         router.capacity = float(target_capacity)
+    if logs:  # comparable across runs and workers (every worker prints the same)
+        print(f"Phase {phase} trained to step {steps}: weights sha256 {weights_digest(model)}.")
     model.set_phase("frozen")
     logs["schedule"] = [[float(c), int(s)] for c, s in schedule]
     return logs

@@ -6,17 +6,25 @@ the random-generator state, so a run interrupted and resumed ends with the same
 weights as one that was not interrupted.
 """
 
+import hashlib
 import os
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from toex_tf.config import GPTConfig, TrainConfig
 from toex_tf.data.tf_pipeline import make_lm_dataset
 from toex_tf.models.gpt import EarlyExitGPT
 from toex_tf.progress import fit_progress
-from toex_tf.training.checkpoint import CheckpointEvery, CheckpointManager
+from toex_tf.training.checkpoint import (
+    CheckpointEvery,
+    CheckpointManager,
+    check_output_dir,
+    checkpoint_bytes,
+)
 from toex_tf.training.exit_loss import EarlyExitTrainer, exit_loss_weights
+from toex_tf.training.multi_worker import spans_workers, weights_digest, write_dir
 from toex_tf.training.tensorboard import GlobalStepTensorBoard
 from toex_tf.training.tf_distribute import make_strategy
 
@@ -57,6 +65,7 @@ def train(
     callbacks=(),
     verbose: int | str = "auto",
     initial_model: EarlyExitGPT | None = None,
+    train_dataset=None,
 ) -> EarlyExitGPT:
     """Trains (or resumes training of) an early-exit GPT.
 
@@ -72,6 +81,9 @@ def train(
         initial_model: None, or a model whose weights training starts from (fine-tuning;
             `model_config` must be its config). A checkpoint in `output_dir` still wins:
             resuming restores it.
+        train_dataset: None, or `(batch_size, seed, skip_batches) -> tf.data.Dataset`, a
+            streamed corpus's training split (`PreparedData.train_dataset`); training
+            then reads it, and `inputs, targets` (a head of it) are only checked.
 
     Returns:
         The trained model (outside any distribution scope's concerns: weights are
@@ -92,7 +104,7 @@ def train(
             f"token ids must be in [0, vocab_size={model_config.vocab_size}); the data has "
             f"ids up to {top_id}."
         )
-    if len(inputs) < train_config.batch_size:
+    if train_dataset is None and len(inputs) < train_config.batch_size:
         raise ValueError(
             f"only {len(inputs)} training windows for batch_size={train_config.batch_size}: "
             "use more data, a shorter seq_len or a smaller batch."
@@ -112,6 +124,8 @@ def train(
         return model
 
     def make_dataset(skip_batches):
+        if train_dataset is not None:
+            return train_dataset(train_config.batch_size, train_config.seed, skip_batches)
         return make_lm_dataset(
             inputs,
             targets,
@@ -122,7 +136,29 @@ def train(
             skip_batches=skip_batches,
         )
 
-    return fit_exit_model(build_model, make_dataset, train_config, output_dir, callbacks, verbose)
+    # A checkpoint of another model, optimizer setting or corpus is refused by name.
+    # More steps are allowed: a finished run can be trained on.
+    run_config = {
+        "model_config": model_config.to_dict(),
+        **{
+            name: getattr(train_config, name)
+            for name in (
+                "batch_size",
+                "learning_rate",
+                "warmup_steps",
+                "weight_decay",
+                "exit_loss_weights",
+                "distill_weight",
+                "distill_temperature",
+                "seed",
+            )
+        },
+        "windows": list(inputs.shape),
+        "windows_sha256": hashlib.sha256(np.ascontiguousarray(inputs).tobytes()).hexdigest(),
+    }
+    return fit_exit_model(
+        build_model, make_dataset, train_config, output_dir, callbacks, verbose, run_config
+    )
 
 
 def fit_exit_model(
@@ -132,6 +168,7 @@ def fit_exit_model(
     output_dir: str,
     callbacks=(),
     verbose="auto",
+    run_config: dict | None = None,
 ):
     """Builds a model with exits and trains it with `fit` and the joint exit loss.
 
@@ -147,10 +184,14 @@ def fit_exit_model(
             the batches it already saw.
         train_config: steps, optimizer, exit-loss and checkpoint settings.
         output_dir: checkpoints go to `output_dir/checkpoints`, TensorBoard logs to
-            `output_dir/tensorboard`. An existing checkpoint there is resumed.
+            `output_dir/tensorboard`. An existing checkpoint there is resumed. Under a
+            multi-worker `train_config.strategy`, only the chief writes there; other
+            workers write into temporary directories of their own (`write_dir`).
         callbacks: extra Keras callbacks.
         verbose: `fit` verbosity; `"auto"`: `toex_tf.progress.fit_progress` (Keras's
             bar on a terminal, a line every 30 s in a log, nothing when quiet).
+        run_config: dict or None: what a checkpoint must have been written with to be
+            resumed (`CheckpointManager`): another run's is refused, naming the setting.
 
     Returns:
         The trained model.
@@ -174,7 +215,19 @@ def fit_exit_model(
         jit_compile = train_config.jit_compile and strategy.num_replicas_in_sync == 1
         trainer.compile(optimizer=optimizer, jit_compile=jit_compile)
         optimizer.build(trainer.trainable_variables)
-    manager = CheckpointManager(os.path.join(output_dir, "checkpoints"))
+    # Under a multi-worker strategy only the chief writes into output_dir; every worker
+    # resumes from the chief's checkpoints there.
+    writes = write_dir(output_dir)
+    manager = CheckpointManager(
+        os.path.join(output_dir, "checkpoints"),
+        run_config=run_config,
+        write_directory=os.path.join(writes, "checkpoints"),
+    )
+    # A read-only or full disk fails now, not at the first checkpoint: room for the kept
+    # checkpoints, the one being written and the saved model.
+    check_output_dir(
+        writes, (manager.max_to_keep + 2) * checkpoint_bytes(model, optimizer), "output_dir"
+    )
     step = 0
     if manager.latest() is not None:
         step = manager.restore(model, optimizer)
@@ -188,18 +241,33 @@ def fit_exit_model(
             CheckpointEvery(manager, model, train_config.checkpoint_every, step),
             # Steps run on after a resume (Keras's own would restart at 0).
             GlobalStepTensorBoard(
-                os.path.join(output_dir, "tensorboard"), initial_step=step, update_freq=10
+                os.path.join(writes, "tensorboard"), initial_step=step, update_freq=10
             ),
             *progress,
             *callbacks,
         ]
-        trainer.fit(
-            make_dataset(step),
+        dataset = make_dataset(step)
+        if spans_workers(strategy):
+            # Several workers: each takes its share of every global batch (its order is
+            # the seed's, the same in every worker), never a share of files.
+            options = tf.data.Options()
+            options.experimental_distribute.auto_shard_policy = (
+                tf.data.experimental.AutoShardPolicy.DATA
+            )
+            dataset = dataset.with_options(options)
+        history = trainer.fit(
+            dataset,
             epochs=1,
             steps_per_epoch=remaining,
             shuffle=False,  # the dataset is already shuffled, reproducibly
             callbacks=all_callbacks,
             verbose=verbose,
+        )
+        # Comparable across runs and workers: the loss over the last fit's steps and
+        # the weights' digest (every worker of a multi-worker run prints the same).
+        print(
+            f"Trained to step {train_config.steps}: loss {history.history['loss'][-1]:.6f}, "
+            f"weights sha256 {weights_digest(model)}."
         )
     model.token_embedding.refresh_low_rank()
     return model
