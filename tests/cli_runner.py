@@ -19,7 +19,8 @@ def run_cli(*args, timeout=600, cwd=None):
     )
 
 
-# A tiny GPT run on a byte tokenizer: trains in seconds (the GPT CLI tests).
+# A tiny GPT run on a byte tokenizer: trains in seconds (the GPT CLI tests). Without XLA:
+# compiling the step costs more than 6 steps save; one test trains with it (--jit_compile).
 TINY = [
     "--preset=tiny",
     "--tokenizer=byte",
@@ -30,6 +31,7 @@ TINY = [
     "--checkpoint_every=3",
     "--eval_windows=8",
     "--thresholds=0.0,0.5,1.0",
+    "--nojit_compile",
 ]
 
 
@@ -88,3 +90,39 @@ def run_cli_on_terminal(*args, timeout=600):
     finally:
         os.close(master)
     return process.wait(timeout=60), output
+
+
+def call_cli(*args):
+    """Runs `python -m toex_tf.run ARGS` in this process, as far as it goes: absl parses
+    the flags (raising `flags.Error` on a bad one) and `toex_tf.run.main` runs (raising
+    `SystemExit("toex_tf.run: error: ...")` on bad input). The flags are restored after.
+
+    A bad flag costs milliseconds here against seconds for a child process (which must
+    import TensorFlow): for checks that stop before any TensorFlow work.
+    """
+    from absl.testing import flagsaver  # noqa: PLC0415
+
+    from toex_tf import run  # noqa: PLC0415
+    from toex_tf.cli.flags import FLAGS  # noqa: PLC0415
+
+    parsed = FLAGS.is_parsed()
+    with flagsaver.flagsaver():
+        try:
+            FLAGS(["toex_tf.run", *run.expand_config(list(args))])
+            run.main(["toex_tf.run"])
+        finally:
+            if not parsed:
+                FLAGS.unparse_flags()
+
+
+def cli_error(*args) -> str:
+    """`call_cli(*args)`'s error message; fails the test when the call succeeds."""
+    from absl import flags  # noqa: PLC0415
+
+    try:
+        call_cli(*args)
+    except flags.Error as error:
+        return str(error)
+    except SystemExit as error:
+        return str(error.code)
+    raise AssertionError(f"toex_tf.run {args} succeeded; expected an error")

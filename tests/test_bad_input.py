@@ -46,6 +46,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from absl import flags
+from cli_runner import call_cli
 
 import toex_tf
 from toex_tf.data import ByteTokenizer
@@ -563,20 +564,7 @@ def _generate(env, a):
 
 
 def _cli(env, argv):
-    from absl.testing import flagsaver  # noqa: PLC0415
-
-    from toex_tf import run  # noqa: PLC0415
-    from toex_tf.cli.flags import FLAGS  # noqa: PLC0415
-
-    argv = [arg.format(run=env["run_dir"], out=env["tmp"]) for arg in argv]
-    parsed = FLAGS.is_parsed()
-    with flagsaver.flagsaver():
-        try:
-            FLAGS(["toex_tf.run", *run.expand_config(argv)])
-            run.main(["toex_tf.run"])
-        finally:
-            if not parsed:
-                FLAGS.unparse_flags()
+    call_cli(*[arg.format(run=env["run_dir"], out=env["tmp"]) for arg in argv])
 
 
 # Entry point -> (the module fixtures it needs, how a row's bad input is fed).

@@ -7,7 +7,7 @@ import os
 import keras
 import numpy as np
 import pytest
-from cli_runner import run_cli  # noqa: E402
+from cli_runner import cli_error, run_cli  # noqa: E402
 
 from toex_tf.data import ByteTokenizer
 from toex_tf.loaders import export_llama
@@ -149,17 +149,17 @@ def test_gpt_trains_from_init_from(tmp_path):
 
 
 def test_init_from_nowhere_and_missing_model_are_clear(tmp_path):
-    missing = _run(*LLAMA, f"--output_dir={tmp_path}", "--mode=generate", "--prompt=a")
-    assert missing.returncode != 0 and "needs --init_from" in missing.stderr
-    nowhere = _run(
+    # In this process: both stop before TensorFlow works.
+    missing = cli_error(*LLAMA, f"--output_dir={tmp_path}", "--mode=generate", "--prompt=a")
+    assert "needs --init_from" in missing
+    nowhere = cli_error(
         *LLAMA,
         f"--output_dir={tmp_path}",
         f"--init_from={tmp_path / 'nowhere'}",
         "--mode=generate",
         "--prompt=a",
     )
-    assert nowhere.returncode != 0 and "does not exist" in nowhere.stderr
-    assert "Traceback" not in missing.stderr + nowhere.stderr
+    assert "does not exist" in nowhere
 
 
 def _run(*args, timeout=600):

@@ -8,7 +8,7 @@ routers by two workers, then exits and the quality table) are in test_multi_work
 import json
 
 import pytest
-from cli_runner import run_cli, write_corpus
+from cli_runner import cli_error, run_cli, write_corpus
 
 LLAMA = [
     "--model=llama",
@@ -22,18 +22,19 @@ LLAMA = [
 
 
 def test_llama_bad_phase_setup_fails_clearly(tmp_path):
+    # In this process: both stop before TensorFlow works.
     glob = write_corpus(tmp_path / "corpus")
     out = tmp_path / "out"
-    result = run_cli(*LLAMA, f"--dataset=text:{glob}", "--phase=routers", f"--output_dir={out}")
-    assert result.returncode != 0 and "needs --init_from" in result.stderr
-    result = run_cli(
+    error = cli_error(*LLAMA, f"--dataset=text:{glob}", "--phase=routers", f"--output_dir={out}")
+    assert "needs --init_from" in error
+    error = cli_error(
         *LLAMA,
         f"--dataset=text:{glob}",
         "--phase=routers",
         f"--init_from={tmp_path / 'nowhere'}",
         f"--output_dir={out}",
     )
-    assert result.returncode != 0 and "does not exist" in result.stderr
+    assert "does not exist" in error
 
 
 def test_llama_target_speedup_searches_the_router_capacity(tmp_path):

@@ -58,16 +58,18 @@ def _free_ports(count):
     return ports
 
 
-def _start_workers(args, count=2):
-    """Starts `count` workers of one cluster; returns the `Popen`s, chief (worker 0) first."""
+def _start_workers(args, count=2, worker_args=()):
+    """Starts `count` workers of one cluster; returns the `Popen`s, chief (worker 0) first.
+    `worker_args[i]`, when given, is added to worker `i`'s arguments."""
     addresses = [f"localhost:{port}" for port in _free_ports(count)]
     processes = []
     for index in range(count):
+        extra = list(worker_args[index]) if index < len(worker_args) else []
         config = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_CONFIG": json.dumps(config)}
         processes.append(
             subprocess.Popen(
-                [sys.executable, "-m", "toex_tf.run", *args, "--strategy=multi_worker"],
+                [sys.executable, "-m", "toex_tf.run", *args, *extra, "--strategy=multi_worker"],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -145,6 +147,22 @@ def test_two_gpt_workers_train_one_model_and_only_the_chief_writes(
     (worker_dir,) = _worker_dirs(worker)
     assert not os.path.exists(worker_dir)
     assert "Not the chief: the chief saves the model." in worker
+
+
+def test_workers_with_different_data_refuse_to_train(tmp_path):
+    first = write_corpus(tmp_path / "first", docs=12)
+    second = write_corpus(tmp_path / "second", docs=13)  # a worker with another copy
+    processes = _start_workers(
+        [*GPT, f"--output_dir={tmp_path / 'out'}"],
+        worker_args=[[f"--dataset=text:{first}"], [f"--dataset=text:{second}"]],
+    )
+    deadline = time.monotonic() + TIMEOUT
+    outputs = [p.communicate(timeout=max(deadline - time.monotonic(), 1))[0] for p in processes]
+    for process, output in zip(processes, outputs):
+        assert process.returncode != 0, output[-2000:]
+        assert "the workers prepared different runs" in output, output[-2000:]
+        assert "Traceback" not in output
+    assert not (tmp_path / "out" / "checkpoints").exists()
 
 
 def test_a_killed_worker_resumes_from_the_chief_checkpoint_to_the_same_weights(

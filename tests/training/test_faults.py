@@ -31,7 +31,9 @@ MODEL = gpt_preset("tiny")
 
 
 def _config(**kwargs):
-    return TrainConfig(**{"steps": 2, "batch_size": 4, "seq_len": 16, "warmup_steps": 1, **kwargs})
+    # No XLA: these tests are about files, not the compiled step.
+    settings = {"steps": 2, "batch_size": 4, "seq_len": 16, "warmup_steps": 1, "jit_compile": False}
+    return TrainConfig(**{**settings, **kwargs})
 
 
 def _model_and_optimizer():

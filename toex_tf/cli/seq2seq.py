@@ -60,6 +60,7 @@ def train() -> dict:
         translation_tokenizer,
     )
     from toex_tf.models.saving import save_model_atomically  # noqa: PLC0415
+    from toex_tf.training.multi_worker import is_chief, write_dir  # noqa: PLC0415
     from toex_tf.training.translation_training import train_translation  # noqa: PLC0415
 
     if FLAGS.init_from:
@@ -69,9 +70,11 @@ def train() -> dict:
         )
     config = model_config()  # checked before the (slower) data preparation
     pairs = corpus()
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    # A multi-worker run's non-chief workers write into directories of their own.
+    writes = write_dir(FLAGS.output_dir)
+    os.makedirs(writes, exist_ok=True)
     vocab_size = FLAGS.vocab_size if FLAGS.tokenizer == "sentencepiece" else None
-    tokenizer = translation_tokenizer(pairs, FLAGS.tokenizer, vocab_size, FLAGS.output_dir)
+    tokenizer = translation_tokenizer(pairs, FLAGS.tokenizer, vocab_size, writes)
     config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
     examples = encode_pairs(pairs.train, tokenizer, config.max_source_length, config.max_length)
     print(
@@ -79,11 +82,12 @@ def train() -> dict:
         f"{len(examples)} training pairs fit {config.max_source_length}/{config.max_length} "
         f"tokens ({examples.dropped} longer ones left out); vocabulary {tokenizer.vocab_size}."
     )
-    write_json(os.path.join(FLAGS.output_dir, "data.json"), pairs.summary)
+    write_json(os.path.join(writes, "data.json"), pairs.summary)
     model = train_translation(config, train_config(), examples, FLAGS.output_dir)
-    path = os.path.join(FLAGS.output_dir, "model.keras")
-    save_model_atomically(model, path)
-    print(f"Saved {path} ({model.count_params():,} parameters).")
+    if is_chief():
+        path = os.path.join(FLAGS.output_dir, "model.keras")
+        save_model_atomically(model, path)
+        print(f"Saved {path} ({model.count_params():,} parameters).")
     return {"data": pairs.summary}
 
 

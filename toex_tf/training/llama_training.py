@@ -43,6 +43,7 @@ from toex_tf.training.checkpoint import (
 )
 from toex_tf.training.multi_worker import (
     MultiWorkerFit,
+    check_same_run,
     scale_loss_for_replicas,
     spans_workers,
     weights_digest,
@@ -350,9 +351,11 @@ def train_phase(
     if output_dir is not None:
         # The trainer, not only the model: it holds the Gumbel noise's seed generator.
         writes = write_dir(output_dir)  # the chief's output_dir, a worker's own
+        run_config = _run_config(trainer, inputs, schedule, batch_size, learning_rate, seed)
+        check_same_run(strategy, run_config)  # workers with different data must not train
         manager = CheckpointManager(
             os.path.join(output_dir, "checkpoints", phase),
-            run_config=_run_config(trainer, inputs, schedule, batch_size, learning_rate, seed),
+            run_config=run_config,
             write_directory=os.path.join(writes, "checkpoints", phase),
         )
         # A read-only or full disk fails now, not at the first checkpoint.

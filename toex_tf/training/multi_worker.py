@@ -178,3 +178,41 @@ def weights_digest(model) -> str:
         digest.update(f"{variable.path}:{value.shape}:{value.dtype}".encode())
         digest.update(value.tobytes())
     return digest.hexdigest()
+
+
+def check_same_run(strategy, run_config: dict) -> None:
+    """Refuses to train when the workers of `strategy` prepared different runs.
+
+    Every worker prepares its data and settings itself (its own tokenizer, its own copy
+    of the corpus); if one differs, the all-reduced gradients would mix two runs without
+    an error. Each worker contributes a 40-bit fingerprint of `run_config` (settings and
+    a hash of the training windows) to an all-reduce sum, which equals `replicas x
+    fingerprint` only when every worker has the same one.
+
+    Raises:
+        ValueError: the workers' runs differ (naming this worker's fingerprint).
+    """
+    if not spans_workers(strategy):
+        return
+    import hashlib  # noqa: PLC0415
+
+    import tensorflow as tf  # noqa: PLC0415
+
+    text = json.dumps(run_config, sort_keys=True, default=str)
+    fingerprint = int(hashlib.sha256(text.encode()).hexdigest()[:10], 16)  # exact in float64
+
+    @tf.function
+    def total():
+        def replica_sum():
+            value = tf.constant(float(fingerprint), tf.float64)
+            return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+        return strategy.run(replica_sum)
+
+    summed = float(strategy.experimental_local_results(total())[0])
+    if summed != float(fingerprint) * strategy.num_replicas_in_sync:
+        raise ValueError(
+            f"the workers prepared different runs (this worker's settings and data "
+            f"fingerprint is {fingerprint:010x}): give every worker the same flags, the same "
+            "corpus files and the same tokenizer."
+        )

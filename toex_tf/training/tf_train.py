@@ -24,7 +24,12 @@ from toex_tf.training.checkpoint import (
     checkpoint_bytes,
 )
 from toex_tf.training.exit_loss import EarlyExitTrainer, exit_loss_weights
-from toex_tf.training.multi_worker import spans_workers, weights_digest, write_dir
+from toex_tf.training.multi_worker import (
+    check_same_run,
+    spans_workers,
+    weights_digest,
+    write_dir,
+)
 from toex_tf.training.tensorboard import GlobalStepTensorBoard
 from toex_tf.training.tf_distribute import make_strategy
 
@@ -223,6 +228,8 @@ def fit_exit_model(
         run_config=run_config,
         write_directory=os.path.join(writes, "checkpoints"),
     )
+    if run_config is not None:  # workers that prepared different data must not train
+        check_same_run(strategy, run_config)
     # A read-only or full disk fails now, not at the first checkpoint: room for the kept
     # checkpoints, the one being written and the saved model.
     check_output_dir(
