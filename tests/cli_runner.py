@@ -35,6 +35,18 @@ TINY = [
 ]
 
 
+# A tiny Llama phase on a byte tokenizer (the Llama CLI tests).
+LLAMA_TINY = [
+    "--model=llama",
+    "--mode=train",
+    "--llama_preset=llama-tiny",
+    "--tokenizer=byte",
+    "--seq_len=16",
+    "--batch_size=4",
+    "--eval_windows=4",
+]
+
+
 WORDS = (
     "the cat sat on a mat while the dog ran after a ball in the garden and "
     "a bird sang over the quiet river near the old stone bridge"

@@ -8,17 +8,9 @@ routers by two workers, then exits and the quality table) are in test_multi_work
 import json
 
 import pytest
-from cli_runner import cli_error, run_cli, write_corpus
+from cli_runner import LLAMA_TINY, cli_error, run_cli, write_corpus
 
-LLAMA = [
-    "--model=llama",
-    "--mode=train",
-    "--llama_preset=llama-tiny",
-    "--tokenizer=byte",
-    "--seq_len=16",
-    "--batch_size=4",
-    "--eval_windows=4",
-]
+LLAMA = LLAMA_TINY
 
 
 def test_llama_bad_phase_setup_fails_clearly(tmp_path):

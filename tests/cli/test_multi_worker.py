@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 import pytest
-from cli_runner import run_cli, write_corpus
+from cli_runner import LLAMA_TINY, run_cli, write_corpus
 
 GPT = [
     "--mode=train",
@@ -32,17 +32,7 @@ GPT = [
     "--nojit_compile",  # as the workers run; XLA compiles for one device only
     "--verbosity=-1",
 ]
-LLAMA = [
-    "--model=llama",
-    "--mode=train",
-    "--llama_preset=llama-tiny",
-    "--tokenizer=byte",
-    "--seq_len=16",
-    "--batch_size=4",
-    "--eval_windows=4",
-    "--checkpoint_every=3",
-    "--verbosity=-1",
-]
+LLAMA = [*LLAMA_TINY, "--checkpoint_every=3", "--verbosity=-1"]
 TRAINED = re.compile(r"Trained to step (\d+): loss ([0-9.]+), weights sha256 ([0-9a-f]{64})")
 PHASE = re.compile(r"Phase (\w+) trained to step (\d+): weights sha256 ([0-9a-f]{64})")
 TIMEOUT = 300  # seconds a worker may run: a hung collective fails the test, not CI

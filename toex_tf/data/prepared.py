@@ -24,7 +24,7 @@ from toex_tf.data.streaming import (
     split_stream,
 )
 from toex_tf.data.token_stream import encode_documents, lm_windows, token_frequencies
-from toex_tf.data.tokenizers import load_tokenizer, make_tokenizer
+from toex_tf.data.tokenizers import make_tokenizer, run_tokenizer
 
 # Windows of each split kept as arrays for a streamed corpus: `train_inputs[:n]` and
 # `val_inputs[:n]` serve evaluation, gates, calibration and exit-head caching (the CLI's
@@ -124,16 +124,14 @@ def prepare_data(
 def _ready_tokenizer(data: DataConfig, output_dir: str, tokenizer, training_documents):
     """`tokenizer` (saved to `output_dir/tokenizer` if none is there), else the one there,
     else one made from `training_documents()` and saved there."""
-    tokenizer_dir = os.path.join(output_dir, "tokenizer")
-    saved = os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json"))
-    if tokenizer is not None:
-        if not saved:
-            tokenizer.save(tokenizer_dir)
-        return tokenizer
-    if saved:
-        return load_tokenizer(tokenizer_dir)
     vocab_size = data.vocab_size if data.tokenizer == "sentencepiece" else None
-    return make_tokenizer(data.tokenizer, training_documents(), vocab_size, tokenizer_dir)
+    return run_tokenizer(
+        output_dir,
+        tokenizer,
+        lambda directory: make_tokenizer(
+            data.tokenizer, training_documents(), vocab_size, directory
+        ),
+    )
 
 
 def _training_sample(documents: Iterable[tuple[str, str]], max_chars: int):

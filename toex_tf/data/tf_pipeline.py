@@ -78,7 +78,21 @@ def make_lm_dataset(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
     if not isinstance(skip_batches, (int, np.integer)) or skip_batches < 0:
         raise ValueError(f"skip_batches must be an int >= 0, got {skip_batches!r}.")
-    num_windows = len(inputs)
+    _check_batches(len(inputs), batch_size, repeat, drop_remainder, skip_batches)
+
+    return make_indexed_dataset(
+        (inputs.astype("int32"), targets.astype("int32")),
+        batch_size,
+        shuffle,
+        seed,
+        repeat,
+        drop_remainder,
+        skip_batches,
+    )
+
+
+def _check_batches(num_windows, batch_size, repeat, drop_remainder, skip_batches) -> None:
+    """Raises when the windows do not fill a batch, or `skip_batches` passes the end."""
     batches_per_epoch = (
         num_windows // batch_size if drop_remainder else -(-num_windows // batch_size)
     )
@@ -92,16 +106,6 @@ def make_lm_dataset(
             f"skip_batches {skip_batches} exceeds the {batches_per_epoch} batches of one "
             "epoch (repeat=False); expected skip_batches <= batches per epoch."
         )
-
-    return make_indexed_dataset(
-        (inputs.astype("int32"), targets.astype("int32")),
-        batch_size,
-        shuffle,
-        seed,
-        repeat,
-        drop_remainder,
-        skip_batches,
-    )
 
 
 def make_indexed_dataset(
@@ -207,19 +211,7 @@ def make_shard_dataset(
         raise ValueError(f"skip_batches must be an int >= 0, got {skip_batches!r}.")
     first, count = shards.shard_windows(seq_len)
     num_windows, num_shards = int(count.sum()), len(count)
-    batches_per_epoch = (
-        num_windows // batch_size if drop_remainder else -(-num_windows // batch_size)
-    )
-    if batches_per_epoch == 0 or (repeat and num_windows < batch_size):
-        raise ValueError(
-            f"batch_size {batch_size} is larger than the {num_windows} windows available "
-            "(with drop_remainder=True); expected batch_size <= num_windows."
-        )
-    if not repeat and skip_batches > batches_per_epoch:
-        raise ValueError(
-            f"skip_batches {skip_batches} exceeds the {batches_per_epoch} batches of one "
-            "epoch (repeat=False); expected skip_batches <= batches per epoch."
-        )
+    _check_batches(num_windows, batch_size, repeat, drop_remainder, skip_batches)
     num_groups = -(-num_shards // cycle_length)
     seed_tensor = tf.constant(seed, tf.int64)
     starts, ends = tf.constant(first), tf.constant(first + count)

@@ -418,6 +418,23 @@ def load_tokenizer(directory: str) -> Tokenizer:
     )
 
 
+def run_tokenizer(output_dir: str, tokenizer, make) -> Tokenizer:
+    """A run's tokenizer, kept in `output_dir/tokenizer` so that ids never shift.
+
+    `tokenizer` when given (saved there if none is), else the one saved there, else
+    `make(tokenizer_dir)` (which trains one and saves it there).
+    """
+    tokenizer_dir = os.path.join(output_dir, "tokenizer")
+    saved = os.path.exists(os.path.join(tokenizer_dir, MANIFEST_FILE))
+    if tokenizer is not None:
+        if not saved:
+            tokenizer.save(tokenizer_dir)
+        return tokenizer
+    if saved:
+        return load_tokenizer(tokenizer_dir)
+    return make(tokenizer_dir)
+
+
 def make_tokenizer(
     kind: str, documents: Iterable[str], vocab_size: int | None, model_dir: str
 ) -> Tokenizer:

@@ -1,12 +1,11 @@
 """Sentence pairs made ready for a translation run: a shared tokenizer and padded arrays."""
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from toex_tf.data.parallel import ParallelCorpus
-from toex_tf.data.tokenizers import load_tokenizer, make_tokenizer
+from toex_tf.data.tokenizers import make_tokenizer, run_tokenizer
 
 
 @dataclass
@@ -87,13 +86,8 @@ def translation_tokenizer(
     """The run's shared source/target tokenizer: the one given, the one saved in
     `output_dir/tokenizer`, or one trained on the training pairs (both sides) and saved
     there, so a later run (resume, eval, generate) reloads it and ids never shift."""
-    tokenizer_dir = os.path.join(output_dir, "tokenizer")
-    saved = os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json"))
-    if tokenizer is not None:
-        if not saved:
-            tokenizer.save(tokenizer_dir)
-        return tokenizer
-    if saved:
-        return load_tokenizer(tokenizer_dir)
     documents = [text for pair in corpus.train for text in pair]
-    return make_tokenizer(kind, documents, vocab_size if kind != "byte" else None, tokenizer_dir)
+    size = vocab_size if kind != "byte" else None
+    return run_tokenizer(
+        output_dir, tokenizer, lambda directory: make_tokenizer(kind, documents, size, directory)
+    )

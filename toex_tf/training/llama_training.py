@@ -45,7 +45,7 @@ from toex_tf.training.multi_worker import (
     MultiWorkerFit,
     check_same_run,
     scale_loss_for_replicas,
-    spans_workers,
+    share_batches,
     weights_digest,
     write_dir,
 )
@@ -321,8 +321,6 @@ def train_phase(
         dict: the last logged value of every metric (none when a finished phase is
         resumed), plus `"schedule"`.
     """
-    import tensorflow as tf  # noqa: PLC0415 - the input pipeline is tf.data
-
     from toex_tf.data.tf_pipeline import make_lm_dataset  # noqa: PLC0415 - TensorFlow
 
     inputs = np.asarray(inputs, "int32")
@@ -388,12 +386,7 @@ def train_phase(
             dataset = make_lm_dataset(
                 inputs, targets, batch_size, True, seed, repeat=True, skip_batches=first
             )
-        if spans_workers(strategy):  # each worker takes its share of every global batch
-            options = tf.data.Options()
-            options.experimental_distribute.auto_shard_policy = (
-                tf.data.experimental.AutoShardPolicy.DATA
-            )
-            dataset = dataset.with_options(options)
+        dataset = share_batches(dataset, strategy)  # each worker: its share of every batch
         history = trainer.fit(
             dataset,
             epochs=1,

@@ -216,3 +216,16 @@ def check_same_run(strategy, run_config: dict) -> None:
             f"fingerprint is {fingerprint:010x}): give every worker the same flags, the same "
             "corpus files and the same tokenizer."
         )
+
+
+def share_batches(dataset, strategy):
+    """`dataset` with each worker of `strategy` taking its share of every global batch
+    (`AutoShardPolicy.DATA`: every worker reads the same seeded order), or unchanged
+    without several workers."""
+    if not spans_workers(strategy):
+        return dataset
+    import tensorflow as tf  # noqa: PLC0415
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)

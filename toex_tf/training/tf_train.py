@@ -11,7 +11,6 @@ import os
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from toex_tf.config import GPTConfig, TrainConfig
 from toex_tf.data.tf_pipeline import make_lm_dataset
@@ -26,7 +25,7 @@ from toex_tf.training.checkpoint import (
 from toex_tf.training.exit_loss import EarlyExitTrainer, exit_loss_weights
 from toex_tf.training.multi_worker import (
     check_same_run,
-    spans_workers,
+    share_batches,
     weights_digest,
     write_dir,
 )
@@ -253,17 +252,8 @@ def fit_exit_model(
             *progress,
             *callbacks,
         ]
-        dataset = make_dataset(step)
-        if spans_workers(strategy):
-            # Several workers: each takes its share of every global batch (its order is
-            # the seed's, the same in every worker), never a share of files.
-            options = tf.data.Options()
-            options.experimental_distribute.auto_shard_policy = (
-                tf.data.experimental.AutoShardPolicy.DATA
-            )
-            dataset = dataset.with_options(options)
         history = trainer.fit(
-            dataset,
+            share_batches(make_dataset(step), strategy),
             epochs=1,
             steps_per_epoch=remaining,
             shuffle=False,  # the dataset is already shuffled, reproducibly
