@@ -150,13 +150,8 @@ flags.DEFINE_string(
 flags.DEFINE_float("distill_weight", 0.0, "Weight of distillation from the final exit.", 0.0)
 flags.DEFINE_float("distill_temperature", 1.0, "Distillation temperature.", lower_bound=0.01)
 flags.DEFINE_integer("checkpoint_every", 100, "Save a checkpoint every N steps.", lower_bound=1)
-flags.DEFINE_enum(
-    "strategy",
-    "default",
-    ["default", "mirrored", "multi_worker"],
-    "tf.distribute strategy for training: mirrored (local GPUs or logical CPUs) or "
-    "multi_worker (one process per worker, the cluster from TF_CONFIG; the chief writes).",
-)
+STRATEGY_HELP = "tf.distribute: mirrored (local devices) or multi_worker (TF_CONFIG's cluster)."
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"], STRATEGY_HELP)
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_bool("jit_compile", True, "Compile the training step with XLA.")
 flags.DEFINE_bool(
